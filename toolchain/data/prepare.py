@@ -1,0 +1,43 @@
+"""Task data as model-ready arrays: read, subsample deterministically, tokenize."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.data import classify, squad
+from toolchain.evaluate import take
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where the text and label sit in a classification file."""
+
+    text: tuple[str, ...] = ("sentence",)
+    label: str = "label"
+    header: bool = True
+
+    @classmethod
+    def parse(cls, text: str, label: str, header: bool) -> "Columns":
+        return cls(tuple(c.strip() for c in text.split(",") if c.strip()), label, header)
+
+
+def squad_split(path: str | Path, tokenizer, max_seq_length: int, doc_stride: int, n: int | None = None,
+                seed: int = 0, split: str = "validation") -> tuple[list[squad.SquadExample], squad.SquadFeatures]:
+    examples = take(squad.load_squad(path, split=split), n, seed)
+    return examples, squad.build_features(examples, tokenizer, max_seq_length, doc_stride)
+
+
+def squad_train_arrays(features: squad.SquadFeatures) -> dict[str, np.ndarray]:
+    return {**features.inputs(slice(None)), "start_positions": features.start_positions,
+            "end_positions": features.end_positions}
+
+
+def classify_split(path: str | Path, tokenizer, max_seq_length: int, labels: list[str] | None, columns: Columns,
+                   n: int | None = None, seed: int = 0) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(labels, arrays with input_ids/attention_mask/token_type_ids/labels); labels are read from the data if not given."""
+    examples = take(classify.load_classification(path, columns.text, columns.label, columns.header), n, seed)
+    labels = labels or classify.label_list(examples)
+    return labels, classify.encode(examples, tokenizer, max_seq_length, labels)

@@ -1,0 +1,199 @@
+"""SQuAD v1.1: reading, feature building with the fast tokenizer's offsets, and answer post-processing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolchain.errors import ToolchainError
+
+
+@dataclass(frozen=True)
+class SquadExample:
+    id: str
+    question: str
+    context: str
+    answers: tuple[str, ...]
+    answer_starts: tuple[int, ...]
+
+
+def _read_json(path: Path) -> dict:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ToolchainError(f"cannot read SQuAD file {path}: {e}") from None
+
+
+def _examples_from_layout(data: dict, source: str) -> list[SquadExample]:
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ToolchainError(f"{source} is not in SQuAD layout (expected a top-level 'data' list of articles)")
+    examples = []
+    try:
+        for article in data["data"]:
+            for paragraph in article["paragraphs"]:
+                context = paragraph["context"]
+                for qa in paragraph["qas"]:
+                    answers = qa["answers"]
+                    examples.append(SquadExample(
+                        id=str(qa["id"]),
+                        question=qa["question"].strip(),
+                        context=context,
+                        answers=tuple(a["text"] for a in answers),
+                        answer_starts=tuple(int(a["answer_start"]) for a in answers),
+                    ))
+    except (KeyError, TypeError) as e:
+        raise ToolchainError(f"{source} is not in SQuAD layout (missing field {e})") from None
+    if not examples:
+        raise ToolchainError(f"{source} holds no questions")
+    return examples
+
+
+def _examples_from_hub(name: str, split: str) -> list[SquadExample]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # the hub is unreachable or the name is unknown
+        raise ToolchainError(f"{name!r} is neither a SQuAD file nor a loadable dataset: {type(e).__name__}: {e}") from None
+    return [
+        SquadExample(str(r["id"]), r["question"].strip(), r["context"],
+                     tuple(r["answers"]["text"]), tuple(int(s) for s in r["answers"]["answer_start"]))
+        for r in ds
+    ]
+
+
+def load_squad(source: str | Path, split: str = "validation") -> list[SquadExample]:
+    """Read SQuAD v1.1 examples from a .json/.json.gz file, or a hub dataset name (e.g. 'squad')."""
+    path = Path(source)
+    if path.is_file():
+        return _examples_from_layout(_read_json(path), str(path))
+    if path.suffix in (".json", ".gz") or path.is_dir() or str(source).startswith((".", "/", "~")):
+        raise ToolchainError(f"SQuAD data file not found: {source}")
+    return _examples_from_hub(str(source), split)
+
+
+def gold_answers(examples: list[SquadExample]) -> dict[str, tuple[str, ...]]:
+    return {ex.id: ex.answers for ex in examples}
+
+
+@dataclass
+class SquadFeatures:
+    """Tokenized windows over (question, context); several per example when the context is long."""
+
+    input_ids: np.ndarray  # [N, L] int64
+    attention_mask: np.ndarray  # [N, L] int64
+    token_type_ids: np.ndarray | None  # [N, L] int64
+    example_index: np.ndarray  # [N] which example each window belongs to
+    offsets: np.ndarray  # [N, L, 2] character span in the context, (-1, -1) for non-context tokens
+    start_positions: np.ndarray  # [N] answer start token (0 = [CLS] when the answer is outside the window)
+    end_positions: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def inputs(self, idx: slice | np.ndarray) -> dict[str, np.ndarray]:
+        """Model inputs for a batch of features, as HF/ONNX input names."""
+        out = {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
+        if self.token_type_ids is not None:
+            out["token_type_ids"] = self.token_type_ids[idx]
+        return out
+
+
+def check_lengths(max_seq_length: int, doc_stride: int) -> None:
+    if max_seq_length <= 0 or doc_stride <= 0:
+        raise ToolchainError(f"max_seq_length ({max_seq_length}) and doc_stride ({doc_stride}) must be positive")
+    if doc_stride >= max_seq_length:
+        raise ToolchainError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
+
+
+def build_features(examples: list[SquadExample], tokenizer, max_seq_length: int = 384, doc_stride: int = 128,
+                   batch_size: int = 1000) -> SquadFeatures:
+    """Split each (question, context) into windows of max_seq_length with doc_stride tokens of overlap.
+
+    The answer span is located through the fast tokenizer's offset mapping; windows that do not
+    contain the whole answer point at [CLS] (index 0), as in BERT's SQuAD recipe.
+    """
+    check_lengths(max_seq_length, doc_stride)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ToolchainError("a fast tokenizer (tokenizer.json) is needed for offset mappings")
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    longest_q = max(map(len, tokenizer([ex.question for ex in examples], add_special_tokens=False)["input_ids"]))
+    if longest_q + specials + doc_stride >= max_seq_length:
+        raise ToolchainError(
+            f"max_seq_length ({max_seq_length}) too small: the longest question has {longest_q} tokens, plus "
+            f"{specials} special tokens and doc_stride {doc_stride} leaves no room for context")
+    pad_right = tokenizer.padding_side == "right"
+    columns: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "token_type_ids", "example_index",
+                                                  "offsets", "start", "end")}
+    for b in range(0, len(examples), batch_size):
+        chunk = examples[b:b + batch_size]
+        enc = tokenizer(
+            [ex.question for ex in chunk], [ex.context for ex in chunk],
+            truncation="only_second" if pad_right else "only_first", max_length=max_seq_length, stride=doc_stride,
+            return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length",
+        )
+        for i in range(len(enc["input_ids"])):
+            ex_idx = enc["overflow_to_sample_mapping"][i]
+            ex = chunk[ex_idx]
+            seq_ids = enc.sequence_ids(i)
+            offsets = np.array([o if s == 1 else (-1, -1) for o, s in zip(enc["offset_mapping"][i], seq_ids)],
+                               dtype=np.int64)
+            start = end = 0
+            if ex.answers:
+                a_start = ex.answer_starts[0]
+                a_end = a_start + len(ex.answers[0])
+                ctx = np.nonzero(offsets[:, 0] >= 0)[0]
+                if offsets[ctx[0], 0] <= a_start and offsets[ctx[-1], 1] >= a_end:
+                    start = int(ctx[np.nonzero(offsets[ctx, 0] <= a_start)[0][-1]])
+                    end = int(ctx[np.nonzero(offsets[ctx, 1] >= a_end)[0][0]])
+            columns["input_ids"].append(enc["input_ids"][i])
+            columns["attention_mask"].append(enc["attention_mask"][i])
+            if "token_type_ids" in enc:
+                columns["token_type_ids"].append(enc["token_type_ids"][i])
+            columns["example_index"].append(b + ex_idx)
+            columns["offsets"].append(offsets)
+            columns["start"].append(start)
+            columns["end"].append(end)
+    as_int = lambda k: np.asarray(columns[k], dtype=np.int64)  # noqa: E731
+    return SquadFeatures(
+        input_ids=as_int("input_ids"), attention_mask=as_int("attention_mask"),
+        token_type_ids=as_int("token_type_ids") if columns["token_type_ids"] else None,
+        example_index=as_int("example_index"), offsets=np.stack(columns["offsets"]),
+        start_positions=as_int("start"), end_positions=as_int("end"),
+    )
+
+
+def postprocess(examples: list[SquadExample], features: SquadFeatures, start_logits: np.ndarray,
+                end_logits: np.ndarray, n_best: int = 20, max_answer_length: int = 30) -> dict[str, dict]:
+    """Best answer span per example over all of its windows.
+
+    Returns {question id: {"text", "score", "start", "end"}} (character offsets into the context);
+    the score is start_logit + end_logit of the chosen span.
+    """
+    best: dict[int, tuple[float, int, int]] = {}
+    for f in range(len(features)):
+        offs = features.offsets[f]
+        s_log, e_log = start_logits[f], end_logits[f]
+        s_idx = np.argsort(s_log)[::-1][:n_best]
+        e_idx = np.argsort(e_log)[::-1][:n_best]
+        s, e = np.meshgrid(s_idx, e_idx, indexing="ij")
+        valid = (offs[s, 0] >= 0) & (offs[e, 0] >= 0) & (e >= s) & (e - s + 1 <= max_answer_length)
+        if not valid.any():
+            continue
+        scores = np.where(valid, s_log[s] + e_log[e], -np.inf)
+        i, j = np.unravel_index(np.argmax(scores), scores.shape)
+        cand = (float(scores[i, j]), int(offs[s[i, j], 0]), int(offs[e[i, j], 1]))
+        ex = int(features.example_index[f])
+        if ex not in best or cand[0] > best[ex][0]:
+            best[ex] = cand
+    out = {}
+    for ex_idx, ex in enumerate(examples):
+        score, c0, c1 = best.get(ex_idx, (float("-inf"), 0, 0))
+        out[ex.id] = {"text": ex.context[c0:c1], "score": score, "start": c0, "end": c1}
+    return out

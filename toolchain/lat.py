@@ -1,0 +1,279 @@
+"""Length-adaptive drop-and-restore forward (LAT, Kim & Cho, ACL 2021) for Hugging Face BERT-family models.
+
+The wrapper reuses every submodule of a ``*ForQuestionAnswering`` / ``*ForSequenceClassification`` model
+(embeddings, per-layer Q/K/V, attention output, feed-forward, heads) and only re-implements the layer loop:
+eager attention (so the probabilities are at hand), PoWER-BERT significance, TopK token selection after the
+attention block, and a final scatter that restores every dropped token's last state to its position.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+
+from toolchain.errors import ToolchainError
+
+LengthConfig = tuple[int, ...] | None
+Rng = random.Random | np.random.Generator
+
+
+def parse_length_config(value: str | Sequence[int] | None, num_layers: int, max_seq_length: int) -> LengthConfig:
+    """Parse ``"269,253,..."``, a sequence of ints, or ``"full"``/``None`` (no dropping) into a checked tuple.
+
+    Entries are tokens kept after each layer: positive, non-increasing, at most ``max_seq_length``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().strip("()[]").strip()
+        if text.lower() == "full":
+            return None
+        if not text:
+            raise ToolchainError(f"length config is empty: give {num_layers} comma-separated token counts or 'full'")
+        entries: list[int] = []
+        for part in text.split(","):
+            try:
+                entries.append(int(part.strip()))
+            except ValueError:
+                raise ToolchainError(f"length config {value!r}: entry {part.strip()!r} is not an integer") from None
+    else:
+        try:
+            entries = list(value)
+        except TypeError:
+            raise ToolchainError(f"length config must be a comma-separated string or a sequence of ints, got {value!r}") from None
+        for entry in entries:
+            if isinstance(entry, bool) or not isinstance(entry, (int, np.integer)):
+                raise ToolchainError(f"length config {value!r}: entry {entry!r} is not an integer")
+        entries = [int(e) for e in entries]
+    if len(entries) != num_layers:
+        raise ToolchainError(f"length config has {len(entries)} entries, expected {num_layers} (one per layer)")
+    for i, n in enumerate(entries):
+        if n <= 0:
+            raise ToolchainError(f"length config entry {i} is {n}: token counts must be positive")
+        if n > max_seq_length:
+            raise ToolchainError(f"length config entry {i} is {n}: above max_seq_length {max_seq_length}")
+        if i and n > entries[i - 1]:
+            raise ToolchainError(
+                f"length config must be non-increasing: entry {i} ({n}) > entry {i - 1} ({entries[i - 1]})"
+            )
+    return tuple(entries)
+
+
+def _check_bound(name: str, value: float, upper_inclusive: bool) -> None:
+    if not (0.0 <= value < 1.0 or (upper_inclusive and value == 1.0)):
+        raise ToolchainError(f"{name} must be in [0, 1{']' if upper_inclusive else ')'}, got {value}")
+
+
+def _randint(rng: Rng, low: int, high: int) -> int:
+    """Uniform integer in [low, high] for either a ``random.Random`` or a numpy ``Generator``."""
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(low, high + 1))
+    return rng.randint(low, high)
+
+
+def _shrunk(length: int, ratio: float) -> int:
+    return math.ceil(length * (1.0 - ratio) - 1e-9)  # epsilon: 100 * (1 - 0.2) must give 80, not 81
+
+
+def sample_length_config(
+    num_layers: int, seq_len: int, length_drop_ratio_bound: float, rng: Rng, min_len: int = 1
+) -> tuple[int, ...]:
+    """LAT ``sample_length_configuration``: each layer keeps U{ceil(prev * (1 - bound)), ..., prev} tokens."""
+    _check_bound("length_drop_ratio_bound", length_drop_ratio_bound, upper_inclusive=False)
+    length, out = seq_len, []
+    for _ in range(num_layers):
+        length = max(_randint(rng, _shrunk(length, length_drop_ratio_bound), length), min_len)
+        out.append(length)
+    return tuple(out)
+
+
+def smallest_length_config(
+    num_layers: int, seq_len: int, length_drop_ratio_bound: float, min_len: int = 1
+) -> tuple[int, ...]:
+    """The sandwich rule's smallest sub-model: every layer drops the maximal ratio."""
+    _check_bound("length_drop_ratio_bound", length_drop_ratio_bound, upper_inclusive=False)
+    length, out = seq_len, []
+    for _ in range(num_layers):
+        length = max(_shrunk(length, length_drop_ratio_bound), min_len)
+        out.append(length)
+    return tuple(out)
+
+
+def sample_layer_mask(num_layers: int, layer_drop_prob: float, rng: Rng) -> tuple[bool, ...]:
+    """LayerDrop: keep each layer independently with probability ``1 - layer_drop_prob`` (as in LAT)."""
+    _check_bound("layer_drop_prob", layer_drop_prob, upper_inclusive=True)
+    return tuple(float(rng.random()) >= layer_drop_prob for _ in range(num_layers))
+
+
+@dataclass
+class LATOutput(ModelOutput):
+    """QA: ``start_logits``/``end_logits``; classification: ``logits``.
+
+    ``kept_positions`` holds the original positions of the tokens that reached the last layer ([B, n], ascending),
+    or None when nothing was dropped.
+    """
+
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    kept_positions: torch.Tensor | None = None
+
+
+class LengthAdaptiveModel(nn.Module):
+    """Drop-and-restore wrapper around a BERT/RoBERTa QA or sequence-classification model."""
+
+    def __init__(self, hf_model: nn.Module, keep_cls: bool | None = None) -> None:
+        super().__init__()
+        config = hf_model.config
+        if hasattr(hf_model, "qa_outputs"):
+            task = "qa"
+        elif hasattr(hf_model, "classifier"):
+            task = "classify"
+        else:
+            raise ToolchainError(
+                f"{type(hf_model).__name__} is not supported: expected a *ForQuestionAnswering or "
+                "*ForSequenceClassification model"
+            )
+        base = hf_model.base_model
+        if not (hasattr(base, "embeddings") and hasattr(base, "encoder")):
+            raise ToolchainError(f"{type(hf_model).__name__} is not a BERT-family encoder")
+        if getattr(config, "is_decoder", False):
+            raise ToolchainError("length-adaptive inference needs an encoder-only model (config.is_decoder is set)")
+        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+            raise ToolchainError(f"position_embedding_type {config.position_embedding_type!r} is not supported")
+        if task == "classify" and isinstance(hf_model.classifier, nn.Linear) and base.pooler is None:
+            raise ToolchainError(f"{type(hf_model).__name__} has a linear classifier but no pooler")
+        self.model = hf_model
+        self._task = task
+        self.keep_cls = (task == "classify") if keep_cls is None else bool(keep_cls)
+
+    @property
+    def hf_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def task(self) -> str:
+        return self._task
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.base_model.encoder.layer)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        length_config: str | Sequence[int] | None = None,
+        layer_mask: Sequence[bool] | None = None,
+    ) -> LATOutput:
+        lengths = parse_length_config(length_config, self.num_layers, self.config.max_position_embeddings)
+        if layer_mask is not None and len(layer_mask) != self.num_layers:
+            raise ToolchainError(f"layer mask has {len(layer_mask)} entries, expected {self.num_layers}")
+        base = self.model.base_model
+        hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        mask = attention_mask.to(hidden.dtype)  # 1 = real token, 0 = padding, for the current tokens
+        full = positions = None  # restore buffer [B, L, H] and original positions of current tokens [B, n]
+        for i, layer in enumerate(base.encoder.layer):
+            if layer_mask is not None and not layer_mask[i]:
+                continue
+            attn_out, probs = self._attention(layer, hidden, mask)
+            keep = None if lengths is None else lengths[i]
+            if keep is not None and keep < _num_tokens(hidden):
+                if full is None:
+                    full = hidden
+                    positions = torch.ones_like(input_ids).cumsum(1) - 1
+                else:  # tokens dropped here keep their state from the previous layer
+                    full = full.scatter(1, _expand(positions, full), hidden)
+                idx = self._keep_indices(probs, mask, positions, keep)
+                positions, mask = positions.gather(1, idx), mask.gather(1, idx)
+                attn_out = attn_out.gather(1, _expand(idx, attn_out))
+            hidden = layer.output(layer.intermediate(attn_out), attn_out)
+        if full is not None:
+            hidden = full.scatter(1, _expand(positions, full), hidden)
+        return self._head(hidden, positions)
+
+    @staticmethod
+    def _attention(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eager multi-head self-attention + output dense/LayerNorm; returns (output, probs [B, heads, n, n])."""
+        sa = layer.attention.self
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(x.shape[0], -1, sa.num_attention_heads, sa.attention_head_size).transpose(1, 2)
+
+        q, k, v = heads(sa.query(hidden)), heads(sa.key(hidden)), heads(sa.value(hidden))
+        additive = (1.0 - mask)[:, None, None, :] * torch.finfo(hidden.dtype).min
+        scores = q @ k.transpose(-1, -2) / math.sqrt(sa.attention_head_size) + additive
+        probs = scores.softmax(dim=-1)
+        context = (sa.dropout(probs) @ v).transpose(1, 2).flatten(2)
+        return layer.attention.output(context, hidden), probs
+
+    def _keep_indices(self, probs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
+        """Indices [B, keep] (ascending) of the most significant current tokens."""
+        score = (probs * mask[:, None, :, None]).sum(dim=(1, 2))  # attention received from real queries, >= 0
+        # Padding scores -1 - position: below every real token, distinct (deterministic, earliest kept first).
+        score = torch.where(mask > 0, score, score)
+        if self.keep_cls:
+            score = torch.cat([torch.full_like(score[:, :1], math.inf), score[:, 1:]], dim=1)
+        idx = score.topk(keep, dim=1).indices
+        return idx.topk(keep, dim=1, largest=False).values  # ascending sort with a constant K (ONNX TopK)
+
+    def _head(self, sequence: torch.Tensor, positions: torch.Tensor | None) -> LATOutput:
+        model = self.model
+        if self._task == "qa":
+            start, end = model.qa_outputs(sequence).split(1, dim=-1)
+            return LATOutput(
+                start_logits=start.squeeze(-1).contiguous(), end_logits=end.squeeze(-1).contiguous(), kept_positions=positions
+            )
+        if isinstance(model.classifier, nn.Linear):  # BERT: pooler -> dropout -> linear
+            logits = model.classifier(model.dropout(model.base_model.pooler(sequence)))
+        else:  # RoBERTa-style head pools [CLS] itself
+            logits = model.classifier(sequence)
+        return LATOutput(logits=logits, kept_positions=positions)
+
+
+def _num_tokens(hidden: torch.Tensor) -> int:
+    """Current token count as a Python int; a traced ONNX export bakes it in (export at the serving length)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return int(hidden.shape[1])
+
+
+def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B, n] token index -> [B, n, H] for gather/scatter along dim 1."""
+    return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
+
+
+class FixedLengthModel(nn.Module):
+    """One length configuration (and optional layer mask) baked in; returns plain tuples for ONNX export."""
+
+    def __init__(
+        self,
+        model: LengthAdaptiveModel,
+        length_config: str | Sequence[int] | None,
+        layer_mask: Sequence[bool] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.length_config = parse_length_config(length_config, model.num_layers, model.config.max_position_embeddings)
+        if layer_mask is not None and len(layer_mask) != model.num_layers:
+            raise ToolchainError(f"layer mask has {len(layer_mask)} entries, expected {model.num_layers}")
+        self.layer_mask = None if layer_mask is None else tuple(bool(x) for x in layer_mask)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids, attention_mask, token_type_ids, self.length_config, self.layer_mask)
+        return (out.start_logits, out.end_logits) if self.model.task == "qa" else (out.logits,)
