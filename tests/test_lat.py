@@ -208,6 +208,15 @@ def test_layer_mask(qa):
         wrapper(ids, mask, types, layer_mask=[True] * 3)
 
 
+def test_training_backward():
+    model = make(BertForQuestionAnswering, bert_config(hidden_dropout_prob=0.1)).train()
+    ids, mask, types = padded_batch()
+    out = LengthAdaptiveModel(model)(ids, mask, types, length_config=(20, 14, 9, 5), layer_mask=[True, True, False, True])
+    (out.start_logits.sum() + out.end_logits.sum()).backward()
+    assert model.bert.encoder.layer[3].intermediate.dense.weight.grad.abs().sum() > 0
+    assert model.bert.encoder.layer[2].intermediate.dense.weight.grad is None  # skipped by LayerDrop
+
+
 def test_unsupported_model():
     with pytest.raises(ToolchainError, match="is not supported"):
         LengthAdaptiveModel(make(BertModel, bert_config()))

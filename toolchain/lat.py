@@ -224,7 +224,7 @@ class LengthAdaptiveModel(nn.Module):
         """Indices [B, keep] (ascending) of the most significant current tokens."""
         score = (probs * mask[:, None, :, None]).sum(dim=(1, 2))  # attention received from real queries, >= 0
         # Padding scores -1 - position: below every real token, distinct (deterministic, earliest kept first).
-        score = torch.where(mask > 0, score, score)
+        score = torch.where(mask > 0, score, -1.0 - positions.to(score.dtype))
         if self.keep_cls:
             score = torch.cat([torch.full_like(score[:, :1], math.inf), score[:, 1:]], dim=1)
         idx = score.topk(keep, dim=1).indices
@@ -257,7 +257,10 @@ def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class FixedLengthModel(nn.Module):
-    """One length configuration (and optional layer mask) baked in; returns plain tuples for ONNX export."""
+    """One length configuration (and optional layer mask) baked in; returns plain tuples for ONNX export.
+
+    Export at the serving sequence length: which layers drop (and every TopK's K) is fixed at trace time.
+    """
 
     def __init__(
         self,
