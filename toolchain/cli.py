@@ -147,6 +147,16 @@ def score(data_path, predictions):
     click.echo(json.dumps(squad_scores(gold, preds)))
 
 
+@main.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--only", multiple=True, help="run only steps of this command (repeatable)")
+def run_cmd(recipe, only):
+    """Run a YAML pipeline recipe; finished steps are skipped, interrupted ones resumed."""
+    from toolchain.recipe import run_recipe
+
+    run_recipe(recipe, main, only)
+
+
 def _write_json(path: Path | None, obj) -> None:
     """Write JSON atomically (temp file, then rename)."""
     if path is None:
