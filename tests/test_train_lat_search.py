@@ -1,0 +1,150 @@
+"""Drop-and-Restore training (sandwich rule) and the evolutionary search, on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from toolchain.cli import main
+from toolchain.data import SQUAD_DEV_SLICE, SQUAD_TRAIN_SLICE
+from toolchain.data.prepare import Columns
+from toolchain.errors import ToolchainError
+from toolchain.finetune import finetune
+from toolchain.lat import LengthAdaptiveModel
+from toolchain.search import SearchConfig, crossover, mutate, pareto_front, search
+from toolchain.train_lat import SandwichConfig, sandwich_loss_fn, train_lat
+from toolchain.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_ft(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lat") / "ft"
+    finetune(task="squad", model_dir=tiny_model_dir, train_path=SQUAD_TRAIN_SLICE, eval_path=SQUAD_DEV_SLICE,
+             out_dir=out, max_train_examples=16, max_eval_examples=8, max_seq_length=64, doc_stride=16,
+             cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=8), device_name="cpu", columns=Columns())
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_lat(tiny_ft):
+    out = tiny_ft.parent / "lat"
+    train_lat(model_dir=tiny_ft, train_path=SQUAD_TRAIN_SLICE, eval_path=SQUAD_DEV_SLICE, out_dir=out,
+              max_train_examples=16, max_eval_examples=8, cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=8),
+              sandwich=SandwichConfig(), device_name="cpu")
+    return out
+
+
+def test_one_step_runs_every_sandwich_pass(tiny_ft):
+    from toolchain.train_lat import load_length_adaptive
+
+    model, _, _ = load_length_adaptive(tiny_ft)
+    seen = []
+    forward = model.forward
+
+    def spy(*args, **kw):
+        seen.append((kw.get("length_config"), kw.get("layer_mask")))
+        return forward(*args, **kw)
+
+    model.forward = spy
+    torch.manual_seed(0)
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 64)), "attention_mask": torch.ones(2, 64, dtype=torch.long),
+             "token_type_ids": torch.zeros(2, 64, dtype=torch.long),
+             "start_positions": torch.tensor([3, 5]), "end_positions": torch.tensor([4, 9])}
+    loss = sandwich_loss_fn(SandwichConfig(num_sandwich=2), seed=0)(model, batch)
+    loss.backward()
+    assert len(seen) == 4 and seen[0] == (None, None)  # full model first, then smallest + 2 random
+    assert seen[1][0] == (52, 42)  # smallest: ceil(prev * 0.8) at every layer, from 64
+    for cfg, mask in seen[1:]:
+        assert all(a >= b for a, b in zip(cfg, cfg[1:])) and len(mask) == 2
+    assert model.hf_model.qa_outputs.weight.grad is not None and torch.isfinite(loss)
+
+
+def test_train_lat_writes_length_adaptive_checkpoint(tiny_lat):
+    meta = json.loads((tiny_lat / "toolchain.json").read_text())
+    assert meta["length_adaptive"] is True and meta["keep_cls"] is False
+    metrics = json.loads((tiny_lat / "metrics.json").read_text())
+    assert metrics["steps"] >= 2 and "f1" in metrics and metrics["loss_last_20"] > 0
+
+
+def test_mutation_and_crossover_stay_valid():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        a = mutate((60, 50, 40, 30), 0.5, rng, 64)
+        b = crossover(a, (64, 20, 10, 5), rng)
+        for c in (a, b):
+            assert all(x >= y for x, y in zip(c, c[1:])) and 1 <= c[-1] and c[0] <= 64
+
+
+def test_pareto_front_is_non_dominated():
+    points = {(1,): (10, 50.0), (2,): (20, 60.0), (3,): (15, 40.0), (4,): (30, 55.0), (5,): (5, 20.0)}
+    assert pareto_front(points) == [(5,), (1,), (2,)]
+
+
+def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tmp_path):
+    cfg = SearchConfig(iterations=2, population=4, parents=3, mutations=3, crossovers=3, seed=1)
+    kwargs = dict(model_dir=tiny_lat, eval_path=SQUAD_DEV_SLICE, search_examples=10, report_examples=10,
+                  device_name="cpu", batch_size=16)
+    result = search(out_dir=tmp_path / "s", cfg=cfg, **kwargs)
+    front = result["frontier"]
+    assert front and (tmp_path / "s" / "pareto.png").is_file()
+    on_disk = json.loads((tmp_path / "s" / "pareto.json").read_text())
+    assert on_disk["frontier"] == front
+    for p in front:
+        lc = p["length_config"]
+        assert len(lc) == 2 and all(a >= b for a, b in zip(lc, lc[1:]))
+    # non-dominated: MACs strictly increase along the frontier and so does the search F1
+    for a, b in zip(front, front[1:]):
+        assert a["macs"] < b["macs"] and a["search"]["f1"] < b["search"]["f1"]
+    assert result["evaluated"] >= 4
+    # a resumed search with the cache evaluates nothing new
+    lines = (tmp_path / "s" / "search-cache.jsonl").read_text().splitlines()
+    partial = tmp_path / ".s2.partial"
+    partial.mkdir()
+    (partial / "search-cache.jsonl").write_text("\n".join(lines) + "\n")
+    import toolchain.search as s
+
+    calls = {"n": 0}
+    real = s.evaluate_squad
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    s.evaluate_squad = counting
+    try:
+        again = search(out_dir=tmp_path / "s2", cfg=cfg, resume=True, **kwargs)
+    finally:
+        s.evaluate_squad = real
+    assert again["frontier"] == result["frontier"]
+    assert calls["n"] == 1 + len(front)  # only the report split is scored again
+
+
+def test_search_bad_inputs(tiny_ft, tiny_lat, tmp_path):
+    with pytest.raises(ToolchainError, match="not length-adaptive"):
+        search(model_dir=tiny_ft, eval_path=SQUAD_DEV_SLICE, out_dir=tmp_path / "x", search_examples=5,
+               report_examples=5, cfg=SearchConfig(iterations=1), device_name="cpu")
+    with pytest.raises(ToolchainError, match="admit no configuration"):
+        search(model_dir=tiny_lat, eval_path=SQUAD_DEV_SLICE, out_dir=tmp_path / "y", search_examples=5,
+               report_examples=5, cfg=SearchConfig(iterations=1, min_macs_ratio=0.01, max_macs_ratio=0.02),
+               device_name="cpu")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ("1,2", "must be non-increasing"),
+    ("64,30,20", "has 3 entries, expected 2"),
+    ("64,0", "must be positive"),
+    ("65,30", "above max_seq_length"),
+    ("sixty,30", "is not an integer"),
+])
+def test_macs_cli_rejects_bad_length_configs(tiny_lat, cfg, message):
+    result = CliRunner().invoke(main, ["macs", "--model", str(tiny_lat), "--length-cfg", cfg, "--max-seq-length", "64"])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_macs_cli_prints_integer_last(tiny_lat):
+    result = CliRunner().invoke(main, ["macs", "--arch", "minilm-l6-h384"])
+    assert result.exit_code == 0 and abs(int(result.output.strip().splitlines()[-1]) - 4.76e9) / 4.76e9 < 0.01

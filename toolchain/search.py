@@ -1,0 +1,263 @@
+"""`toolchain search`: LAT's evolutionary search for Pareto-best length configurations (accuracy vs MACs).
+
+Candidates are scored on a *search split* of the dev set; the final frontier is re-scored on a
+disjoint *report split*, so the reported numbers are not the ones the search optimised. Every
+evaluated configuration is cached on disk, so a resumed search never evaluates it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from toolchain.data import prepare
+from toolchain.errors import ToolchainError
+from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
+from toolchain.finetune import check_output
+from toolchain.lat import LengthAdaptiveModel, sample_length_config
+from toolchain.macs import count_macs
+from toolchain.train_lat import load_length_adaptive
+from toolchain.training import resolve_device
+
+Config = tuple[int, ...]
+
+
+@dataclass
+class SearchConfig:
+    """LAT's defaults: population 20, parents 10, 30 mutations + 30 crossovers per iteration, p_mut 0.5."""
+
+    iterations: int = 30
+    population: int = 20
+    parents: int = 10
+    mutations: int = 30
+    crossovers: int = 30
+    mutation_prob: float = 0.5
+    length_drop_ratio_bound: float = 0.2
+    min_macs_ratio: float = 0.0
+    max_macs_ratio: float = 1.0
+    seed: int = 42
+
+    def validate(self) -> None:
+        for name in ("iterations", "population", "parents"):
+            if getattr(self, name) <= 0:
+                raise ToolchainError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.mutations < 0 or self.crossovers < 0:
+            raise ToolchainError("mutations and crossovers must be >= 0")
+        if not 0.0 <= self.mutation_prob <= 1.0:
+            raise ToolchainError(f"mutation-prob must be in [0, 1], got {self.mutation_prob}")
+        if not 0.0 <= self.min_macs_ratio < self.max_macs_ratio:
+            raise ToolchainError(f"MAC bounds [{self.min_macs_ratio}, {self.max_macs_ratio}] admit no configuration")
+
+
+def pareto_front(points: dict[Config, tuple[int, float]]) -> list[Config]:
+    """Configurations not dominated in (fewer MACs, higher score), sorted by MACs."""
+    front, best = [], -np.inf
+    for cfg, (macs, score) in sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1])):
+        if score > best:
+            front.append(cfg)
+            best = score
+    return front
+
+
+def _ranked(points: dict[Config, tuple[int, float]]) -> list[Config]:
+    """Non-dominated sorting: the Pareto front first, then the front of the rest, and so on."""
+    rest, order = dict(points), []
+    while rest:
+        front = pareto_front(rest)
+        order += front
+        for cfg in front:
+            del rest[cfg]
+    return order
+
+
+def mutate(cfg: Config, prob: float, rng: random.Random, seq_len: int) -> Config:
+    """Resample each layer's length with probability `prob`, between its neighbours (stays non-increasing)."""
+    out = list(cfg)
+    for i in range(len(out)):
+        if rng.random() < prob:
+            upper = out[i - 1] if i else seq_len
+            lower = out[i + 1] if i + 1 < len(out) else 1
+            out[i] = rng.randint(lower, upper)
+    return tuple(out)
+
+
+def crossover(a: Config, b: Config, rng: random.Random) -> Config:
+    """Per-layer choice between two parents, then sorted to stay non-increasing."""
+    return tuple(sorted((rng.choice(pair) for pair in zip(a, b)), reverse=True))
+
+
+class Scorer:
+    """Scores length configurations on one split with a cache persisted as JSON lines."""
+
+    def __init__(self, model: LengthAdaptiveModel, task: str, split, device: torch.device, cache: Path | None,
+                 batch_size: int = 64):
+        self.model, self.task, self.split, self.device, self.batch_size = model, task, split, device, batch_size
+        self.cache_path = cache
+        self.cache: dict[Config, dict] = {}
+        if cache is not None and cache.is_file():
+            for line in cache.read_text().splitlines():
+                row = json.loads(line)
+                self.cache[tuple(row["length_config"])] = row["metrics"]
+
+    def __call__(self, cfg: Config | None) -> dict:
+        key = cfg or ()
+        if key not in self.cache:
+            run = torch_runner(self.model, self.device, length_config=cfg)
+            if self.task == "squad":
+                metrics, _ = evaluate_squad(run, *self.split, batch_size=self.batch_size)
+            else:
+                metrics, _ = evaluate_classify(run, self.split, batch_size=self.batch_size)
+            self.cache[key] = metrics
+            if self.cache_path is not None:
+                with open(self.cache_path, "a") as f:
+                    f.write(json.dumps({"length_config": list(key), "metrics": metrics}) + "\n")
+        return self.cache[key]
+
+
+def score_of(metrics: dict) -> float:
+    return metrics["f1"] if "f1" in metrics else metrics["accuracy"]
+
+
+def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: int, report_examples: int,
+           cfg: SearchConfig, device_name: str, choose_tolerance: float = 1.0, batch_size: int = 64,
+           resume: bool = False, force: bool = False) -> dict:
+    """Run the evolutionary search; write pareto.json, pareto.png and the evaluation cache into `out_dir`.
+
+    Work happens in a hidden `.NAME.partial` folder beside `out_dir` (the resumable cache), renamed
+    to `out_dir` when the search is complete.
+    """
+    cfg.validate()
+    partial = check_output(out_dir, force, resume)
+    if search_examples <= 0 or report_examples <= 0:
+        raise ToolchainError("search and report splits need a positive number of examples")
+    device = resolve_device(device_name)
+    model, tokenizer, meta = load_length_adaptive(model_dir, require_lat=True)
+    model.to(device).eval()
+    task, seq, layers = meta["task"], meta["max_seq_length"], model.num_layers
+    head = "qa" if task == "squad" else "classify"
+    num_labels = len(meta["labels"] or [None, None])
+
+    search_split, report_split = _splits(eval_path, tokenizer, meta, search_examples, report_examples)
+    partial.mkdir(parents=True, exist_ok=True)
+    scorer = Scorer(model, task, search_split, device, partial / "search-cache.jsonl", batch_size)
+    full_macs = count_macs(model.config, None, seq, head, num_labels)
+    rng = random.Random(cfg.seed)
+
+    def in_bounds(c: Config) -> bool:
+        return cfg.min_macs_ratio <= count_macs(model.config, c, seq, head, num_labels) / full_macs <= cfg.max_macs_ratio
+
+    population: list[Config] = []
+    for _ in range(1000 * cfg.population):
+        if len(population) == cfg.population:
+            break
+        c = sample_length_config(layers, seq, cfg.length_drop_ratio_bound, rng)
+        if in_bounds(c) and c not in population:
+            population.append(c)
+    if not population:
+        raise ToolchainError(f"MAC bounds [{cfg.min_macs_ratio}, {cfg.max_macs_ratio}] admit no configuration "
+                             f"reachable with length-drop-ratio-bound {cfg.length_drop_ratio_bound}")
+
+    t0 = time.time()
+    points: dict[Config, tuple[int, float]] = {}
+    for _ in tqdm(range(cfg.iterations), desc="search", unit="iter", dynamic_ncols=True):
+        # only configurations this run has reached count, so a resumed run retraces the same path
+        points.update({c: (count_macs(model.config, c, seq, head, num_labels), score_of(scorer(c)))
+                       for c in population})
+        parents = _ranked(points)[:cfg.parents]  # elitist: the best of everything evaluated so far
+        children: list[Config] = []
+        for _ in range(20 * (cfg.mutations + cfg.crossovers)):
+            if len(children) == cfg.mutations + cfg.crossovers:
+                break
+            if len(children) < cfg.mutations:
+                child = mutate(rng.choice(parents), cfg.mutation_prob, rng, seq)
+            else:
+                child = crossover(rng.choice(parents), rng.choice(parents), rng)
+            if in_bounds(child) and child not in children and child not in points:
+                children.append(child)
+        population = parents + children
+    front = pareto_front(points)
+
+    full_search = scorer(None)
+    reporter = Scorer(model, task, report_split, device, None, batch_size)
+    full_report = reporter(None)
+    frontier = [{"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
+                 "search": scorer(c), "report": reporter(c)} for c in tqdm(front, desc="report split", leave=False)]
+    chosen = _choose(frontier, score_of(full_search), choose_tolerance)
+    result = {
+        "model": str(model_dir), "task": task, "max_seq_length": seq, "metric": "f1" if task == "squad" else "accuracy",
+        "full": {"length_config": None, "macs": full_macs, "search": full_search, "report": full_report},
+        "frontier": frontier, "chosen": chosen, "evaluated": len(points),
+        "splits": {"data": str(eval_path), "search_examples": search_examples, "report_examples": report_examples,
+                   "how": "seeded permutation of the dev set; search = first part, report = the next, disjoint"},
+        "search_config": asdict(cfg), "seconds": round(time.time() - t0, 1),
+    }
+    (partial / "pareto.json").write_text(json.dumps(result, indent=2))
+    plot_pareto(result, points, partial / "pareto.png")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(partial, out_dir)
+    return result
+
+
+def _choose(frontier: list[dict], full_score: float, tolerance: float) -> dict | None:
+    """The cheapest frontier point whose *search* score is within `tolerance` of full length."""
+    ok = [p for p in frontier if score_of(p["search"]) >= full_score - tolerance]
+    return min(ok, key=lambda p: p["macs"]) if ok else None
+
+
+def _splits(eval_path: Path, tokenizer, meta: dict, n_search: int, n_report: int):
+    """Disjoint search and report splits from one seeded permutation of the dev set."""
+    seq, stride = meta["max_seq_length"], meta.get("doc_stride", 128)
+    if meta["task"] == "squad":
+        from toolchain.data.squad import build_features, load_squad
+
+        examples = load_squad(eval_path)
+        if n_search + n_report > len(examples):
+            raise ToolchainError(f"{eval_path} has {len(examples)} questions, fewer than search {n_search} + report {n_report}")
+        perm = np.random.default_rng(0).permutation(len(examples))
+        parts = [[examples[i] for i in sorted(perm[a:b])] for a, b in ((0, n_search), (n_search, n_search + n_report))]
+        return [(p, build_features(p, tokenizer, seq, stride)) for p in parts]
+    columns = prepare.Columns(**{**meta["columns"], "text": tuple(meta["columns"]["text"])})
+    _, arrays = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns)
+    n = len(arrays["labels"])
+    if n_search + n_report > n:
+        raise ToolchainError(f"{eval_path} has {n} examples, fewer than search {n_search} + report {n_report}")
+    perm = np.random.default_rng(0).permutation(n)
+    return [{k: v[np.sort(perm[a:b])] for k, v in arrays.items()} for a, b in ((0, n_search), (n_search, n_search + n_report))]
+
+
+def plot_pareto(result: dict, evaluated: dict[Config, tuple[int, float]], path: Path) -> None:
+    """Accuracy vs GMACs: every evaluated configuration, the frontier, and full length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = result["metric"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if evaluated:
+        macs, scores = zip(*evaluated.values())
+        ax.scatter(np.array(macs) / 1e9, scores, s=8, c="lightgray", label="evaluated (search split)")
+    front = result["frontier"]
+    ax.plot([p["macs"] / 1e9 for p in front], [score_of(p["search"]) for p in front], "o-", label="frontier (search)")
+    ax.plot([p["macs"] / 1e9 for p in front], [score_of(p["report"]) for p in front], "s--", label="frontier (report)")
+    full = result["full"]
+    ax.plot(full["macs"] / 1e9, score_of(full["report"]), "r*", ms=12, label="full length (report)")
+    if result["chosen"]:
+        ax.plot(result["chosen"]["macs"] / 1e9, score_of(result["chosen"]["report"]), "kx", ms=10, label="chosen")
+    ax.set_xlabel("GMACs (batch 1)")
+    ax.set_ylabel(metric.upper() if metric == "f1" else "accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

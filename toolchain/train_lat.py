@@ -1,0 +1,126 @@
+"""`toolchain train-lat`: Drop-and-Restore training (LAT, Kim & Cho 2021) from a fine-tuned checkpoint.
+
+Each step runs the sandwich rule: the full model learns the labels; the smallest sub-model and
+`num_sandwich` random sub-models (LengthDrop configurations, with LayerDrop) learn the full model's
+detached output distributions (in-place distillation, KL). One backward pass over the summed loss.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from toolchain.data import prepare
+from toolchain.errors import ToolchainError
+from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
+from toolchain.finetune import check_output
+from toolchain.lat import LengthAdaptiveModel, sample_layer_mask, sample_length_config, smallest_length_config
+from toolchain.models import load_model, load_tokenizer, read_meta, save_checkpoint
+from toolchain.training import TrainConfig, resolve_device, train
+
+
+@dataclass
+class SandwichConfig:
+    length_drop_ratio_bound: float = 0.2
+    layer_drop_prob: float = 0.2
+    num_sandwich: int = 2
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.length_drop_ratio_bound < 1.0:
+            raise ToolchainError(f"length-drop-ratio-bound must be in [0, 1), got {self.length_drop_ratio_bound}")
+        if not 0.0 <= self.layer_drop_prob < 1.0:
+            raise ToolchainError(f"layer-drop must be in [0, 1), got {self.layer_drop_prob}")
+        if self.num_sandwich < 0:
+            raise ToolchainError(f"num-sandwich must be >= 0, got {self.num_sandwich}")
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [out.start_logits, out.end_logits] if out.start_logits is not None else [out.logits]
+
+
+def _label_loss(outputs: list[torch.Tensor], batch: dict) -> torch.Tensor:
+    if len(outputs) == 2:
+        return (F.cross_entropy(outputs[0], batch["start_positions"]) + F.cross_entropy(outputs[1], batch["end_positions"])) / 2
+    return F.cross_entropy(outputs[0], batch["labels"])
+
+
+def _kl(student: list[torch.Tensor], teacher: list[torch.Tensor], t: float) -> torch.Tensor:
+    return sum(F.kl_div(F.log_softmax(s / t, -1), F.softmax(te / t, -1), reduction="batchmean") * t * t
+               for s, te in zip(student, teacher)) / len(student)
+
+
+def sandwich_loss_fn(sandwich: SandwichConfig, seed: int):
+    """A `loss_fn(model, batch)` for `training.train` implementing the sandwich rule with in-place distillation."""
+    rng = random.Random(seed)
+
+    def loss_fn(model: LengthAdaptiveModel, batch: dict) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        seq_len, layers = batch["input_ids"].shape[1], model.num_layers
+        full = _outputs(model(**inputs))
+        teacher = [o.detach() for o in full]
+        loss = _label_loss(full, batch)
+        configs = [smallest_length_config(layers, seq_len, sandwich.length_drop_ratio_bound)]
+        configs += [sample_length_config(layers, seq_len, sandwich.length_drop_ratio_bound, rng)
+                    for _ in range(sandwich.num_sandwich)]
+        for cfg in configs:
+            mask = sample_layer_mask(layers, sandwich.layer_drop_prob, rng)
+            if not any(mask):
+                mask = (True,) * layers
+            loss = loss + _kl(_outputs(model(**inputs, length_config=cfg, layer_mask=mask)), teacher,
+                              sandwich.temperature)
+        return loss
+
+    return loss_fn
+
+
+def load_length_adaptive(model_dir: Path, require_lat: bool = False) -> tuple[LengthAdaptiveModel, object, dict]:
+    """(wrapper, tokenizer, meta) for a fine-tuned checkpoint; `require_lat` insists on a train-lat one."""
+    meta = read_meta(model_dir)
+    if not meta:
+        raise ToolchainError(f"{model_dir} is not a toolchain checkpoint (no toolchain.json)")
+    if require_lat and not meta.get("length_adaptive"):
+        raise ToolchainError(f"{model_dir} is not length-adaptive: train it with `toolchain train-lat` first")
+    model = LengthAdaptiveModel(load_model(model_dir, meta["task"]), keep_cls=meta.get("keep_cls"))
+    return model, load_tokenizer(model_dir), meta
+
+
+def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Path, max_train_examples: int | None,
+              max_eval_examples: int | None, cfg: TrainConfig, sandwich: SandwichConfig, device_name: str,
+              resume: bool = False, force: bool = False) -> dict:
+    """Train, evaluate at full length, save an atomic checkpoint marked length_adaptive."""
+    cfg.validate()
+    sandwich.validate()
+    device = resolve_device(device_name)
+    model, tokenizer, meta = load_length_adaptive(model_dir)
+    partial = check_output(out_dir, force, resume)
+    task, seq, stride = meta["task"], meta["max_seq_length"], meta.get("doc_stride", 128)
+    columns = prepare.Columns(**{**meta["columns"], "text": tuple(meta["columns"]["text"])}) if meta.get("columns") else None
+    t0 = time.time()
+    if task == "squad":
+        _, feats = prepare.squad_split(train_path, tokenizer, seq, stride, max_train_examples, cfg.seed, split="train")
+        data = prepare.squad_train_arrays(feats)
+    else:
+        _, data = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples, cfg.seed)
+    losses = train(model, data, sandwich_loss_fn(sandwich, cfg.seed), cfg, device, partial, resume, desc="train-lat")
+    seconds = time.time() - t0
+    run = torch_runner(model, device)
+    if task == "squad":
+        examples, feats = prepare.squad_split(eval_path, tokenizer, seq, stride, max_eval_examples)
+        metrics, _ = evaluate_squad(run, examples, feats)
+    else:
+        _, arrays = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
+        metrics, _ = evaluate_classify(run, arrays)
+    new_meta = {**meta, "length_adaptive": True, "keep_cls": model.keep_cls, "parent": str(model_dir),
+                "train_lat": {**asdict(cfg), **asdict(sandwich), "train_examples": max_train_examples}}
+    summary = {**metrics, "eval_data": str(eval_path), "train_seconds": round(seconds, 1), "steps": len(losses),
+               "loss_first": losses[0], "loss_last_20": sum(losses[-20:]) / len(losses[-20:])}
+    save_checkpoint(model.hf_model.cpu(), tokenizer, out_dir, new_meta, {"metrics.json": summary})
+    shutil.rmtree(partial, ignore_errors=True)
+    return summary
