@@ -19,16 +19,23 @@ from toolchain.data.squad import SquadExample, SquadFeatures, gold_answers, post
 Runner = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, ...]]
 
 
-def take(items: list, n: int | None, seed: int = 0) -> list:
-    """A deterministic random subset of `n` items in their original order (all items if n is None)."""
-    if n is None or n >= len(items):
-        return list(items)
-    if n <= 0:
+def take(items: list, n: int | None, seed: int = 0, skip: int = 0) -> list:
+    """A deterministic random subset in original order: items perm[skip:skip + n] of a seeded permutation.
+
+    Disjoint splits of one set are `take(x, a)` and `take(x, b, skip=a)`; n=None takes the rest.
+    """
+    if n is not None and n <= 0:
         from toolchain.errors import ToolchainError
 
         raise ToolchainError(f"example counts must be positive, got {n}")
-    keep = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
-    return [items[i] for i in keep]
+    if skip == 0 and (n is None or n >= len(items)):
+        return list(items)
+    if n is not None and skip + n > len(items):
+        from toolchain.errors import ToolchainError
+
+        raise ToolchainError(f"asked for {n} examples after skipping {skip}, but the data has only {len(items)}")
+    perm = np.random.default_rng(seed).permutation(len(items))
+    return [items[i] for i in np.sort(perm[skip:None if n is None else skip + n])]
 
 
 def torch_runner(model: torch.nn.Module, device: torch.device | str = "cpu", **forward_kwargs) -> Runner:

@@ -215,24 +215,14 @@ def _choose(frontier: list[dict], full_score: float, tolerance: float) -> dict |
 
 
 def _splits(eval_path: Path, tokenizer, meta: dict, n_search: int, n_report: int):
-    """Disjoint search and report splits from one seeded permutation of the dev set."""
+    """Disjoint search and report splits: one seeded permutation of the dev set, then [0, s) and [s, s + r)."""
     seq, stride = meta["max_seq_length"], meta.get("doc_stride", 128)
     if meta["task"] == "squad":
-        from toolchain.data.squad import build_features, load_squad
-
-        examples = load_squad(eval_path)
-        if n_search + n_report > len(examples):
-            raise ToolchainError(f"{eval_path} has {len(examples)} questions, fewer than search {n_search} + report {n_report}")
-        perm = np.random.default_rng(0).permutation(len(examples))
-        parts = [[examples[i] for i in sorted(perm[a:b])] for a, b in ((0, n_search), (n_search, n_search + n_report))]
-        return [(p, build_features(p, tokenizer, seq, stride)) for p in parts]
+        return [prepare.squad_split(eval_path, tokenizer, seq, stride, n, skip=skip)
+                for n, skip in ((n_search, 0), (n_report, n_search))]
     columns = prepare.Columns(**{**meta["columns"], "text": tuple(meta["columns"]["text"])})
-    _, arrays = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns)
-    n = len(arrays["labels"])
-    if n_search + n_report > n:
-        raise ToolchainError(f"{eval_path} has {n} examples, fewer than search {n_search} + report {n_report}")
-    perm = np.random.default_rng(0).permutation(n)
-    return [{k: v[np.sort(perm[a:b])] for k, v in arrays.items()} for a, b in ((0, n_search), (n_search, n_search + n_report))]
+    return [prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, n, skip=skip)[1]
+            for n, skip in ((n_search, 0), (n_report, n_search))]
 
 
 def plot_pareto(result: dict, evaluated: dict[Config, tuple[int, float]], path: Path) -> None:

@@ -25,8 +25,10 @@ class Columns:
 
 
 def squad_split(path: str | Path, tokenizer, max_seq_length: int, doc_stride: int, n: int | None = None,
-                seed: int = 0, split: str = "validation") -> tuple[list[squad.SquadExample], squad.SquadFeatures]:
-    examples = take(squad.load_squad(path, split=split), n, seed)
+                seed: int = 0, split: str = "validation", skip: int = 0,
+                ) -> tuple[list[squad.SquadExample], squad.SquadFeatures]:
+    """`n` questions (after skipping `skip`) of a seeded permutation, and their features."""
+    examples = take(squad.load_squad(path, split=split), n, seed, skip)
     return examples, squad.build_features(examples, tokenizer, max_seq_length, doc_stride)
 
 
@@ -36,8 +38,8 @@ def squad_train_arrays(features: squad.SquadFeatures) -> dict[str, np.ndarray]:
 
 
 def classify_split(path: str | Path, tokenizer, max_seq_length: int, labels: list[str] | None, columns: Columns,
-                   n: int | None = None, seed: int = 0) -> tuple[list[str], dict[str, np.ndarray]]:
+                   n: int | None = None, seed: int = 0, skip: int = 0) -> tuple[list[str], dict[str, np.ndarray]]:
     """(labels, arrays with input_ids/attention_mask/token_type_ids/labels); labels are read from the data if not given."""
-    examples = take(classify.load_classification(path, columns.text, columns.label, columns.header), n, seed)
+    examples = take(classify.load_classification(path, columns.text, columns.label, columns.header), n, seed, skip)
     labels = labels or classify.label_list(examples)
     return labels, classify.encode(examples, tokenizer, max_seq_length, labels)
