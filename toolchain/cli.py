@@ -254,6 +254,135 @@ def macs(model_dir, arch, length_cfg, max_seq_length, head):
     click.echo(n)
 
 
+@main.command("export")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True,
+              help="fine-tuned or train-lat checkpoint")
+@click.option("--length-cfg", "length_cfgs", multiple=True,
+              help='tokens kept per layer, e.g. "315,251,242,159,142,33", or "full" (repeatable)')
+@click.option("--pareto", type=click.Path(path_type=Path), default=None,
+              help="pareto.json from toolchain search: export full + every frontier configuration")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="bundle folder, e.g. graphs/NAME")
+@click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
+@click.option("--optimize", type=click.Choice(["auto", "none", "ort-basic", "ort-extended", "fusion"]), default="auto",
+              show_default=True, help="auto: measure the variants on the first graph, keep the fastest that passes parity")
+@click.option("--force", is_flag=True, help="replace an existing bundle")
+def export_cmd(model_dir, length_cfgs, pareto, out_dir, max_seq_length, optimize, force):
+    """Export one ONNX graph per length configuration into a verified, self-contained bundle."""
+    from toolchain.bundle import load_manifest
+    from toolchain.export import export, export_pareto
+
+    if bool(length_cfgs) == bool(pareto):
+        raise ToolchainError("give --length-cfg (repeatable) or --pareto, not both and not neither")
+    out = (export_pareto(model_dir, pareto, out_dir, max_seq_length, force, optimize) if pareto
+           else export(model_dir, out_dir, list(length_cfgs), max_seq_length, force, optimize))
+    for g in load_manifest(out, verify=False)["graphs"]:
+        click.echo(f"{g['name']}\t{g['macs'] / 1e9:.3f} GMACs\t{g['optimization']['method']}")
+    click.echo(out)
+
+
+@main.command("train-geep")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="HF model folder to start from (default: the packaged MiniLM-L6-H384)")
+@click.option("--train-data", type=click.Path(path_type=Path), default=None, help="TSV/CSV (default: SST-2 slice)")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="TSV/CSV (default: SST-2 slice)")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--max-seq-length", type=POSITIVE, default=128, show_default=True)
+@click.option("--depth-weights", default=None, help="teacher loss weight per depth, comma separated (default: proportional to depth)")
+@click.option("--student-weight", type=float, default=1.0, show_default=True)
+@_train_options
+@_columns_options
+def train_geep_cmd(model_dir, train_data, eval_data, out_dir, max_seq_length, depth_weights, student_weight,
+                   text_columns, label_column, header, **kw):
+    """GEEP: one-step training of a shared exit classifier (teacher) and per-layer students."""
+    from toolchain.data.prepare import Columns
+    from toolchain.geep import train_geep
+
+    weights = None
+    if depth_weights:
+        try:
+            weights = [float(w) for w in depth_weights.split(",")]
+        except ValueError:
+            raise ToolchainError(f"--depth-weights must be comma-separated numbers, got {depth_weights!r}") from None
+    cfg = _train_config(kw)
+    metrics = train_geep(model_dir=model_dir, train_path=train_data or _default_data("classify", "train"),
+                         eval_path=eval_data or _default_data("classify", "dev"), out_dir=out_dir,
+                         columns=Columns.parse(text_columns, label_column, header), max_seq_length=max_seq_length,
+                         max_train_examples=kw["max_train_examples"], max_eval_examples=kw["max_eval_examples"],
+                         cfg=cfg, device_name=kw["device"], resume=kw["resume"], force=kw["force"],
+                         depth_weights=weights, student_weight=student_weight)
+    click.echo(json.dumps(metrics, indent=2))
+
+
+@main.command("bench-geep")
+@click.option("--model", "checkpoint_dir", type=click.Path(path_type=Path), required=True, help="GEEP checkpoint")
+@click.option("--train-data", type=click.Path(path_type=Path), default=None, help="builds the exit table")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None)
+@click.option("--speeds", default="0.1,0.2,0.3,0.4,0.5", show_default=True, help="entropy thresholds to sweep")
+@click.option("--batch", default="1,32,128", show_default=True)
+@click.option("--max-train-examples", type=POSITIVE, default=None)
+@click.option("--max-eval-examples", type=POSITIVE, default=None)
+@click.option("--aggregation", default="auto", show_default=True, help="auto | mean | max | quantile:Q")
+@click.option("--backend", type=click.Choice(["torch", "ort"]), default="ort", show_default=True)
+@click.option("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="folder for results.json, the accuracy-vs-throughput PNG, table and graphs")
+def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_train_examples, max_eval_examples,
+                   aggregation, backend, device, out_dir):
+    """Throughput and accuracy of GEEP vs full depth vs FastBERT-style exit, across speeds and batch sizes."""
+    from toolchain.geep_runtime import sweep_geep
+
+    try:
+        speed_list = [float(v) for v in speeds.split(",")]
+    except ValueError:
+        raise ToolchainError(f"--speeds must be comma-separated numbers, got {speeds!r}") from None
+    report = sweep_geep(checkpoint_dir=checkpoint_dir, train_path=train_data or _default_data("classify", "train"),
+                        eval_path=eval_data or _default_data("classify", "dev"), speeds=speed_list,
+                        batches=_int_list(batch, "--batch"), out_dir=out_dir, max_train_examples=max_train_examples,
+                        max_eval_examples=max_eval_examples, aggregation=aggregation, backend=backend,
+                        device_name=device)
+    click.echo(json.dumps(report["summary"], indent=2))
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ToolchainError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ToolchainError(f"{name} must be positive integers, got {text!r}")
+    return values
+
+
+def _check_writable(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None and not os.access(Path(path).parent if Path(path).parent != Path("") else Path("."), os.W_OK):
+            raise ToolchainError(f"cannot write {path}: its folder does not exist or is not writable")
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--batch", default="1,32", show_default=True, help="batch sizes, comma separated")
+@click.option("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+@click.option("--repeats", type=POSITIVE, default=10, show_default=True, help="timed runs per measurement at batch <= 4")
+@click.option("--graphs", default=None, help="only these graph names, comma separated")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None, help="folder for the PNG plots")
+@click.option("--no-torch", is_flag=True, help="skip the PyTorch eager rows")
+@click.option("--no-reference", is_flag=True, help="skip the BERT-base reference")
+def bench(bundle_dir, batch, threads, repeats, graphs, json_out, markdown_out, plots_dir, no_torch, no_reference):
+    """ORT vs PyTorch latency of every graph in a bundle, with BERT-base as the reference (Table 1)."""
+    from toolchain.bench import bench_bundle, speedup_table, write_outputs
+
+    batches = _int_list(batch, "--batch")
+    _check_writable(json_out, markdown_out)
+    report = bench_bundle(bundle_dir, batches, threads, repeats, not no_torch, not no_reference,
+                          graphs.split(",") if graphs else None)
+    write_outputs(report, json_out, markdown_out, plots_dir)
+    for b in batches:
+        click.echo(f"batch {b}\n" + speedup_table(report, b))
+
+
 @main.command("run")
 @click.argument("recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--only", multiple=True, help="run only steps of this command (repeatable)")

@@ -9,7 +9,7 @@ dynamic exit with a shrinking batch. `bench_geep` scores and times all three on 
 
 from __future__ import annotations
 
-import tempfile
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +17,12 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.exit_predictor import ExitTable, exit_accuracy, export_predictor_onnx, parse_aggregation
-from toolchain.geep import GeepModel, TruncatedGeep, check_speed, load_geep, normalized_entropy, profile_exits
+from toolchain.geep import GeepModel, TruncatedGeep, check_speed, depth_logits, exit_layers, load_geep, normalized_entropy
 from toolchain.training import resolve_device, to_device
 
 Inputs = dict[str, np.ndarray]
@@ -64,7 +65,7 @@ def bucketed_predict(inputs: Inputs, predict_exit: ExitPredictor, run_at_depth: 
         bucket = np.flatnonzero(depths == depth)
         for b in range(0, len(bucket), batch_size):
             rows = bucket[b:b + batch_size]
-            out = np.asarray(run_at_depth(int(depth), {k: v[rows] for k, v in inputs.items()}))
+            out = np.asarray(run_at_depth(int(depth), trim_padding({k: v[rows] for k, v in inputs.items()})))
             if logits is None:
                 logits = np.empty((n, out.shape[-1]), dtype=out.dtype)
             logits[rows] = out
@@ -76,12 +77,90 @@ def full_depth_predict(inputs: Inputs, run_at_depth: DepthRunner, num_layers: in
     _check_batch_size(batch_size)
     inputs = _model_inputs(inputs)
     n = len(inputs["input_ids"])
-    return np.concatenate([run_at_depth(num_layers, {k: v[b:b + batch_size] for k, v in inputs.items()})
+    return np.concatenate([run_at_depth(num_layers, trim_padding({k: v[b:b + batch_size] for k, v in inputs.items()}))
                            for b in range(0, n, batch_size)])
 
 
-def fastbert_predict(model: GeepModel, inputs: Inputs, speed: float, batch_size: int,
-                     device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+class LayerStepper:
+    """Layer-by-layer execution for FastBERT-style exit: `embed(inputs) -> (hidden, mask)` and
+    `step(i, hidden, mask) -> (hidden, logits of layer i's student, or the teacher after the last layer)`."""
+
+    def __init__(self, model: GeepModel, device: torch.device | str = "cpu") -> None:
+        self.model, self.device = model.to(device).eval(), torch.device(device)
+        self.num_layers, self.num_labels = model.num_layers, model.num_labels
+
+    def embed(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = to_device(inputs, self.device)
+        hidden = self.model.embed(batch["input_ids"], batch.get("token_type_ids"))
+        return hidden, self.model.extended_mask(batch["attention_mask"], hidden.dtype)
+
+    def step(self, i: int, hidden, mask):
+        hidden = self.model.run_layer(i, hidden, mask)
+        head = self.model.teacher if i == self.num_layers - 1 else self.model.students[i]
+        return hidden, head(hidden).float().cpu().numpy()
+
+    @staticmethod
+    def select(x, keep: np.ndarray):
+        return x[torch.from_numpy(keep).to(x.device)]
+
+
+class _EmbedGraph(nn.Module):
+    def __init__(self, model: GeepModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        hidden = self.model.embed(input_ids, token_type_ids)
+        return hidden, self.model.extended_mask(attention_mask, hidden.dtype)
+
+
+class _LayerGraph(nn.Module):
+    def __init__(self, model: GeepModel, i: int) -> None:
+        super().__init__()
+        self.model, self.i = model, i
+
+    def forward(self, hidden, mask):
+        hidden = self.model.run_layer(self.i, hidden, mask)
+        head = self.model.teacher if self.i == self.model.num_layers - 1 else self.model.students[self.i]
+        return hidden, head(hidden)
+
+
+class OrtLayerStepper(LayerStepper):
+    """The same steps on ONNX Runtime: an embedding graph and one graph per layer (+ its student head)."""
+
+    def __init__(self, model: GeepModel, out_dir: Path, device: torch.device | str = "cpu") -> None:
+        model = model.cpu().eval()
+        self.num_layers, self.num_labels = model.num_layers, model.num_labels
+        sample = tuple(torch.ones(2, 8, dtype=torch.long) for _ in range(2)) + (torch.zeros(2, 8, dtype=torch.long),)
+        seq_axes = {0: "batch", 1: "sequence"}
+        path = Path(out_dir) / "fastbert-embed.onnx"
+        torch.onnx.export(_EmbedGraph(model).eval(), sample, str(path), dynamo=False, opset_version=17,
+                          input_names=list(INPUT_NAMES), output_names=["hidden", "mask"],
+                          dynamic_axes={**{n: seq_axes for n in INPUT_NAMES}, "hidden": seq_axes,
+                                        "mask": {0: "batch", 3: "sequence"}})
+        self.embed_session = ort_session(path, device)
+        hidden, mask = _EmbedGraph(model)(*sample)
+        self.layer_sessions = []
+        for i in range(self.num_layers):
+            path = Path(out_dir) / f"fastbert-layer{i + 1}.onnx"
+            torch.onnx.export(_LayerGraph(model, i).eval(), (hidden, mask), str(path), dynamo=False, opset_version=17,
+                              input_names=["hidden", "mask"], output_names=["hidden_out", "logits"],
+                              dynamic_axes={"hidden": seq_axes, "mask": {0: "batch", 3: "sequence"},
+                                            "hidden_out": seq_axes, "logits": {0: "batch"}})
+            self.layer_sessions.append(ort_session(path, device))
+
+    def embed(self, inputs: Inputs):
+        return tuple(self.embed_session.run(None, {k: inputs[k] for k in INPUT_NAMES if k in inputs}))
+
+    def step(self, i: int, hidden, mask):
+        return tuple(self.layer_sessions[i].run(None, {"hidden": hidden, "mask": mask}))
+
+    @staticmethod
+    def select(x, keep: np.ndarray):
+        return x[keep]
+
+
+def fastbert_predict(stepper: LayerStepper, inputs: Inputs, speed: float, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Baseline: FastBERT's dynamic exit with a shrinking batch; (logits [N, C], exit depths [N]).
 
     Layer by layer, student i classifies the batch; samples whose normalized entropy is below `speed`
@@ -90,28 +169,28 @@ def fastbert_predict(model: GeepModel, inputs: Inputs, speed: float, batch_size:
     check_speed(speed)
     _check_batch_size(batch_size)
     inputs = _model_inputs(inputs)
-    device = torch.device(device)
-    model.to(device).eval()
-    n, last = len(inputs["input_ids"]), model.num_layers - 1
-    logits = np.zeros((n, model.num_labels), dtype=np.float32)
+    n, last = len(inputs["input_ids"]), stepper.num_layers - 1
+    logits = np.zeros((n, stepper.num_labels), dtype=np.float32)
     depths = np.zeros(n, dtype=np.int64)
     with torch.inference_mode():
         for b in range(0, n, batch_size):
-            batch = to_device({k: v[b:b + batch_size] for k, v in inputs.items()}, device)
-            rows = np.arange(b, b + len(batch["input_ids"]))
-            hidden = model.embed(batch["input_ids"], batch.get("token_type_ids"))
-            mask = model.extended_mask(batch["attention_mask"], hidden.dtype)
-            for i in range(model.num_layers):
-                hidden = model.run_layer(i, hidden, mask)
-                head = model.teacher if i == last else model.students[i]
-                out = head(hidden).float().cpu().numpy()
+            rows = np.arange(b, min(n, b + batch_size))
+            hidden, mask = stepper.embed(trim_padding({k: v[rows] for k, v in inputs.items()}))
+            for i in range(stepper.num_layers):
+                hidden, out = stepper.step(i, hidden, mask)
                 done = np.ones(len(rows), bool) if i == last else normalized_entropy(out) < speed
                 logits[rows[done]], depths[rows[done]] = out[done], i + 1
                 if done.all():
                     break
-                keep = torch.from_numpy(~done).to(device)
-                hidden, mask, rows = hidden[keep], mask[keep], rows[~done]
+                keep = ~done
+                hidden, mask, rows = stepper.select(hidden, keep), stepper.select(mask, keep), rows[keep]
     return logits, depths
+
+
+def trim_padding(batch: Inputs) -> Inputs:
+    """Drop the padding columns every row of the batch shares (graphs here take any sequence length)."""
+    length = max(1, int(batch["attention_mask"].sum(1).max()))
+    return {k: np.ascontiguousarray(v[:, :length]) for k, v in batch.items()}
 
 
 def torch_depth_runner(model: GeepModel, device: torch.device | str = "cpu") -> DepthRunner:
@@ -186,83 +265,136 @@ def _scores(logits: np.ndarray, depths: np.ndarray, labels: np.ndarray, seconds:
             "examples_per_second": round(len(labels) / max(seconds, 1e-9), 1)}
 
 
-def bench_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed: float,
-               out_dir: Path | None = None, columns: prepare.Columns | None = None, max_seq_length: int | None = None,
-               max_train_examples: int | None = None, max_eval_examples: int | None = None, batch_size: int = 32,
-               aggregation: str = "auto", shift: float = 0.0, backend: str = "torch", device_name: str = "cpu",
-               tune_fraction: float = 0.2) -> dict:
-    """Fit the exit table, then score and time full depth, GEEP (bucketed) and FastBERT on the dev set.
-
-    Exit labels are the students' FastBERT exits at `speed`, on the training data (table) and the dev
-    data (exit accuracy). `aggregation="auto"` tunes (aggregation, shift) on a random `tune_fraction` of
-    the training rows (table fitted on the rest), then refits on all of them; otherwise `shift` is used.
-    backend "ort" exports one graph per depth plus the predictor graph (into `out_dir`, else a temp
-    folder); FastBERT always runs in PyTorch. With `out_dir`, the table (exit_table.npz), the predictor
-    graph (exit_predictor.onnx) and any depth graphs are kept there. Each timing follows one warm-up batch.
-    """
-    check_speed(speed)
-    _check_batch_size(batch_size)
-    if backend not in ("torch", "ort"):
-        raise ToolchainError(f"unknown backend {backend!r}; choose torch or ort")
-    if not 0.0 < tune_fraction < 1.0:
-        raise ToolchainError(f"tune fraction must be in (0, 1), got {tune_fraction}")
-    if aggregation != "auto":
-        parse_aggregation(aggregation)
-    device = resolve_device(device_name)
-    model, tokenizer, meta = load_geep(checkpoint_dir)
-    if columns is None:
-        saved = meta.get("columns") or {}
-        columns = prepare.Columns(tuple(saved.get("text", ("sentence",))), saved.get("label", "label"),
-                                  saved.get("header", True))
-    max_seq_length = max_seq_length or meta.get("max_seq_length", 128)
-    _, train = prepare.classify_split(train_path, tokenizer, max_seq_length, meta["labels"], columns, max_train_examples)
-    _, dev = prepare.classify_split(eval_path, tokenizer, max_seq_length, meta["labels"], columns, max_eval_examples)
-    train_exits = profile_exits(model, train, speed, batch_size, device)
-    dev_exits = profile_exits(model, dev, speed, batch_size, device)
-
-    table = ExitTable(len(tokenizer), model.num_layers)
-    ids, mask, specials = train["input_ids"], train["attention_mask"], tokenizer.all_special_ids
+def _fit_table(train: Inputs, exits: np.ndarray, num_layers: int, vocab: int, specials: list[int],
+               aggregation: str, tune_fraction: float = 0.2) -> tuple[ExitTable, dict | None]:
+    """Fit the exit table; with aggregation 'auto', tune (aggregation, shift) on a held-out part first."""
+    ids, mask = train["input_ids"], train["attention_mask"]
     tuned = None
+    table = ExitTable(vocab, num_layers)
     if aggregation == "auto":
         held_out = max(1, int(round(len(ids) * tune_fraction)))
         if held_out >= len(ids):
             raise ToolchainError("need at least 2 training examples to tune the exit aggregation")
         order = np.random.default_rng(0).permutation(len(ids))
         fit, tune = order[held_out:], order[:held_out]
-        tuned = table.fit(ids[fit], mask[fit], train_exits[fit], specials).tune(ids[tune], mask[tune], train_exits[tune])
-        aggregation, shift = tuned["aggregation"], tuned["shift"]
-        table = ExitTable(len(tokenizer), model.num_layers)
-    table.set_aggregation(aggregation, shift)
-    table.fit(ids, mask, train_exits, specials)
+        tuned = table.fit(ids[fit], mask[fit], exits[fit], specials).tune(ids[tune], mask[tune], exits[tune])
+        table = ExitTable(vocab, num_layers)
+        table.set_aggregation(tuned["aggregation"], tuned["shift"])
+    else:
+        table.set_aggregation(aggregation, 0.0)
+    return table.fit(ids, mask, exits, specials), tuned
 
-    with tempfile.TemporaryDirectory() as tmp:
-        graphs = Path(out_dir) if out_dir else Path(tmp)
-        if out_dir:
-            table.save(graphs / "exit_table.npz")
-        if backend == "ort":
-            sessions = {d: ort_session(p, device) for d, p in export_depth_graphs(model, graphs).items()}
-            run_at_depth = ort_depth_runner(sessions)
-            predict_exit = ort_exit_predictor(ort_session(export_predictor_onnx(table, graphs / "exit_predictor.onnx")))
-        else:
-            run_at_depth = torch_depth_runner(model, device)
-            predict_exit = lambda inputs: table.predict(inputs["input_ids"], inputs["attention_mask"])  # noqa: E731
-            if out_dir:
-                export_predictor_onnx(table, graphs / "exit_predictor.onnx")
-        inputs = {k: v for k, v in dev.items() if k != "labels"}
-        warm = {k: v[:batch_size] for k, v in inputs.items()}
-        L = model.num_layers
-        full_depth_predict(warm, run_at_depth, L, batch_size)  # warm-up: first-run allocations and graph setup
-        full_logits, t_full = _timed(lambda: full_depth_predict(inputs, run_at_depth, L, batch_size))
-        bucketed_predict(warm, predict_exit, run_at_depth, batch_size)
-        (geep_logits, geep_depths), t_geep = _timed(lambda: bucketed_predict(inputs, predict_exit, run_at_depth, batch_size))
-        fastbert_predict(model, warm, speed, batch_size, device)
-        (fb_logits, fb_depths), t_fb = _timed(lambda: fastbert_predict(model, inputs, speed, batch_size, device))
 
-    labels = dev["labels"]
-    return {
-        "speed": speed, "backend": backend, "device": device.type, "num_layers": L, "examples": len(labels),
-        "exit_table": {"aggregation": aggregation, "shift": shift, "tuned": tuned, "train_rows": len(ids)},
-        "full": _scores(full_logits, np.full(len(labels), L), labels, t_full),
-        "geep": {**_scores(geep_logits, geep_depths, labels, t_geep), "exit_accuracy": exit_accuracy(geep_depths, dev_exits)},
-        "fastbert": {**_scores(fb_logits, fb_depths, labels, t_fb), "backend": "torch"},
-    }
+def _median_time(fn: Callable[[], T], repeats: int = 3) -> tuple[T, float]:
+    """(result, median seconds) over `repeats` runs after one warm-up run."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        out, seconds = _timed(fn)
+        times.append(seconds)
+    return out, float(np.median(times))
+
+
+def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speeds: list[float], batches: list[int],
+               out_dir: Path, max_train_examples: int | None = None, max_eval_examples: int | None = None,
+               aggregation: str = "auto", backend: str = "ort", device_name: str = "cpu", repeats: int = 3) -> dict:
+    """Accuracy and throughput of full depth, GEEP and FastBERT-style exit for every (speed, batch size).
+
+    Exit labels are the students' FastBERT exits at each speed (train: for the table; dev: to report
+    the predictor's exit accuracy). All three methods run on the same backend (per-depth graphs for
+    full/GEEP, per-layer graphs for FastBERT on ORT), padding trimmed per batch. Writes results.json,
+    accuracy-vs-throughput.png, the exit tables and the graphs into `out_dir`.
+    """
+    for speed in speeds:
+        check_speed(speed)
+    for b in batches:
+        _check_batch_size(b)
+    if backend not in ("torch", "ort"):
+        raise ToolchainError(f"unknown backend {backend!r}; choose torch or ort")
+    if aggregation != "auto":
+        parse_aggregation(aggregation)
+    device = resolve_device(device_name)
+    model, tokenizer, meta = load_geep(checkpoint_dir)
+    saved = meta.get("columns") or {}
+    columns = prepare.Columns(tuple(saved.get("text", ("sentence",))), saved.get("label", "label"), saved.get("header", True))
+    seq = meta.get("max_seq_length", 128)
+    _, train = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples)
+    _, dev = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
+    train_students = depth_logits(model, train, 64, device)[1]
+    dev_students = depth_logits(model, dev, 64, device)[1]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    L, labels = model.num_layers, dev["labels"]
+    if backend == "ort":
+        run_at_depth = ort_depth_runner({d: ort_session(p, device) for d, p in export_depth_graphs(model, out_dir).items()})
+        stepper = OrtLayerStepper(model, out_dir, device)
+    else:
+        run_at_depth, stepper = torch_depth_runner(model, device), LayerStepper(model, device)
+    inputs = {k: v for k, v in dev.items() if k != "labels"}
+    rows = []
+    for batch in batches:
+        logits, t = _median_time(lambda: full_depth_predict(inputs, run_at_depth, L, batch), repeats)
+        rows.append({"method": "full", "speed": None, "batch": batch, **_scores(logits, np.full(len(labels), L), labels, t)})
+    for speed in speeds:
+        table, tuned = _fit_table(train, exit_layers(train_students, speed), L, len(tokenizer),
+                                  tokenizer.all_special_ids, aggregation)
+        table.save(out_dir / f"exit_table-speed{speed}.npz")
+        predictor = ort_exit_predictor(ort_session(export_predictor_onnx(table, out_dir / f"exit_predictor-speed{speed}.onnx")))
+        dev_exits = exit_layers(dev_students, speed)
+        for batch in batches:
+            (g_logits, g_depths), t = _median_time(lambda: bucketed_predict(inputs, predictor, run_at_depth, batch), repeats)
+            rows.append({"method": "geep", "speed": speed, "batch": batch, **_scores(g_logits, g_depths, labels, t),
+                         "exit_accuracy": exit_accuracy(g_depths, dev_exits),
+                         "exit_table": {"aggregation": table.aggregation, "shift": table.shift, "tuned": tuned}})
+            (f_logits, f_depths), t = _median_time(lambda: fastbert_predict(stepper, inputs, speed, batch), repeats)
+            rows.append({"method": "fastbert", "speed": speed, "batch": batch, **_scores(f_logits, f_depths, labels, t)})
+    report = {"checkpoint": str(checkpoint_dir), "backend": backend, "device": device.type, "num_layers": L,
+              "examples": len(labels), "eval_data": str(eval_path), "rows": rows, "summary": _summary(rows)}
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    _plot(rows, out_dir / "accuracy-vs-throughput.png")
+    return report
+
+
+def _summary(rows: list[dict], tolerance: float = 1.0) -> dict:
+    """Per batch size: the fastest GEEP and FastBERT points within `tolerance` accuracy points of full depth."""
+    out = {}
+    for batch in sorted({r["batch"] for r in rows}):
+        full = next(r for r in rows if r["method"] == "full" and r["batch"] == batch)
+
+        def best(method: str) -> dict | None:
+            ok = [r for r in rows if r["method"] == method and r["batch"] == batch
+                  and r["accuracy"] >= full["accuracy"] - tolerance]
+            return max(ok, key=lambda r: r["examples_per_second"]) if ok else None
+
+        geep, fast = best("geep"), best("fastbert")
+        out[f"batch{batch}"] = {
+            "full": {k: full[k] for k in ("accuracy", "examples_per_second")},
+            "geep": geep and {k: geep[k] for k in ("speed", "accuracy", "mean_depth", "examples_per_second", "exit_accuracy")},
+            "fastbert": fast and {k: fast[k] for k in ("speed", "accuracy", "mean_depth", "examples_per_second")},
+            "geep_vs_full": geep and round(geep["examples_per_second"] / full["examples_per_second"], 2),
+            "geep_vs_fastbert": geep and fast and round(geep["examples_per_second"] / fast["examples_per_second"], 2),
+        }
+    return out
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.8), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for method, style in (("full", "r*"), ("geep", "o-"), ("fastbert", "s--")):
+            pts = sorted((r["examples_per_second"], r["accuracy"]) for r in rows if r["method"] == method and r["batch"] == batch)
+            if pts:
+                ax.plot(*zip(*pts), style, label=method, ms=10 if method == "full" else 5)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("examples / s")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

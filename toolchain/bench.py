@@ -1,0 +1,279 @@
+"""`toolchain bench`: ORT vs PyTorch latency for every graph of a bundle, BERT-base reference, Table 1, plots.
+
+Latency is the median (and p90) of repeated runs after warm-up, with a fixed number of intra-op
+threads, on real dev inputs at the graph's sequence length. Each graph is also timed in PyTorch
+eager (fp32, and dynamic INT8 for fp32 graphs) at the same length configuration, and BERT-base
+(random weights: latency needs no trained weights) is timed in PyTorch and ORT fp32 in the same
+run, so every speedup is a ratio from one run. A roofline column divides each graph's op count
+by this machine's measured GEMM peak for its precision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from tqdm.auto import tqdm
+
+from toolchain import bundle as bundles
+from toolchain.errors import ToolchainError
+from toolchain.hardware import cpu_info, machine_summary
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, min_seconds: float = 0.0) -> dict:
+    """Median and p90 wall time in ms of `fn` over `repeats` runs (more while under `min_seconds`)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    times.sort()
+    return {"latency_ms_median": statistics.median(times),
+            "latency_ms_p90": times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))], "runs": len(times)}
+
+
+def ort_session(path: Path | str | bytes, threads: int, ep: str = "cpu") -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if ep == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path) if isinstance(path, Path) else path, opts, providers=providers)
+
+
+def real_inputs(bundle_dir: Path, meta: dict, seq: int, batch: int) -> dict[str, np.ndarray]:
+    """`batch` rows of real dev inputs at length `seq`, from the packaged slice (repeated if needed)."""
+    from toolchain import data
+    from toolchain.data import prepare
+    from toolchain.models import load_tokenizer
+
+    tokenizer = load_tokenizer(bundle_dir)
+    if meta["task"] == "squad":
+        _, feats = prepare.squad_split(data.SQUAD_DEV_SLICE, tokenizer, seq, min(meta.get("doc_stride", 128), seq // 2),
+                                       n=max(batch, 8))
+        rows = feats.inputs(slice(None))
+    else:
+        _, rows = prepare.classify_split(data.SST2_DEV_SLICE, tokenizer, seq, meta["labels"], prepare.Columns(),
+                                         n=max(batch, 8))
+        rows.pop("labels")
+    idx = np.arange(batch) % len(rows["input_ids"])
+    return {k: np.ascontiguousarray(v[idx]) for k, v in rows.items()}
+
+
+def gemm_peak(precision: str, threads: int, m: int = 1536, k: int = 1536, n: int = 1536) -> float:
+    """Measured GEMM throughput of ORT on this machine, in GOP/s (1 MAC = 2 ops)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if precision == "int8":
+        w = numpy_helper.from_array(rng.integers(-64, 64, (k, n), dtype=np.int8), "w")
+        node = helper.make_node("MatMulInteger", ["x", "w"], ["y"])
+        x_type, y_type, x = TensorProto.UINT8, TensorProto.INT32, rng.integers(0, 255, (m, k), dtype=np.uint8)
+    else:
+        w = numpy_helper.from_array(rng.standard_normal((k, n), dtype=np.float32), "w")
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        x_type, y_type, x = TensorProto.FLOAT, TensorProto.FLOAT, rng.standard_normal((m, k), dtype=np.float32)
+    graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("x", x_type, [m, k])],
+                              [helper.make_tensor_value_info("y", y_type, [m, n])], initializer=[w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = ort_session(model.SerializeToString(), threads)
+    t = time_fn(lambda: sess.run(None, {"x": x}), warmup=3, repeats=20)["latency_ms_median"]
+    return 2 * m * k * n / (t / 1000) / 1e9
+
+
+def _torch_model(source: Path, length_config, dynamic_int8: bool) -> torch.nn.Module:
+    from toolchain.lat import FixedLengthModel
+    from toolchain.train_lat import load_length_adaptive
+
+    model, _, _ = load_length_adaptive(source)
+    fixed = FixedLengthModel(model, length_config).eval()
+    if dynamic_int8:
+        fixed = torch.ao.quantization.quantize_dynamic(fixed, {torch.nn.Linear}, dtype=torch.qint8)
+    return fixed
+
+
+def _torch_runner(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
+    tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
+
+    def run():
+        with torch.inference_mode():
+            return model(**tensors)
+
+    return run
+
+
+def bert_base_reference(seq: int, batches: list[int], threads: int, repeats: int, inputs_for) -> list[dict]:
+    """BERT-base QA (random weights) in PyTorch fp32 and ORT fp32, at the bundle's sequence length."""
+    from transformers import BertForQuestionAnswering
+
+    from toolchain.macs import config_for_arch, count_macs
+
+    torch.manual_seed(0)
+    config = config_for_arch("bert-base")
+    model = BertForQuestionAnswering(config).eval()
+    macs = count_macs(config, None, seq, "qa")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bert-base.onnx"
+        sample = {k: torch.from_numpy(v) for k, v in inputs_for(1).items()}
+        names = list(sample)
+        torch.onnx.export(model, (sample,), path, input_names=names, output_names=["start_logits", "end_logits"],
+                          dynamic_axes={n: {0: "batch"} for n in names}, opset_version=17, dynamo=False)
+        sess = ort_session(path, threads)
+        for batch in batches:
+            inputs = inputs_for(batch)
+            reps = max(3, repeats // max(1, batch // 4))
+            for engine, fn in (("torch", _torch_runner(model, inputs)), ("ort", lambda: sess.run(None, inputs))):
+                rows.append({"graph": "bert-base", "engine": engine, "precision": "fp32", "batch": batch,
+                             "macs": macs, "f1": None, **time_fn(fn, warmup=1, repeats=reps)})
+    return rows
+
+
+def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = None, repeats: int = 10,
+                 torch_eager: bool = True, reference: bool = True, graphs: list[str] | None = None) -> dict:
+    """Time every graph (and its PyTorch twin) of a bundle; write the ORT latencies into the manifest."""
+    if not batches or any(b <= 0 for b in batches):
+        raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
+    cores = cpu_info()["cores"]
+    threads = threads or cores
+    if threads <= 0:
+        raise ToolchainError(f"threads must be positive, got {threads}")
+    if threads > cores:
+        import click
+
+        click.echo(f"warning: {threads} threads on {cores} cores will oversubscribe the CPU", err=True)
+    torch.set_num_threads(threads)
+    manifest = bundles.load_manifest(bundle_dir)
+    entries = [g for g in manifest["graphs"] if g["kind"] == "lat" and g["ep"] == "cpu"
+               and (graphs is None or g["name"] in graphs)]
+    if not entries:
+        raise ToolchainError(f"bundle {bundle_dir} has no CPU graphs to benchmark")
+    meta = json.loads((bundle_dir / "toolchain.json").read_text())
+    source = Path(manifest.get("source_checkpoint", ""))
+    if torch_eager and not (source / "config.json").is_file():
+        import click
+
+        click.echo(f"warning: source checkpoint {source} not found; PyTorch rows skipped", err=True)
+        torch_eager = False
+    seqs = {g["max_seq_length"] for g in entries}
+    cache: dict[tuple[int, int], dict] = {}
+
+    def inputs_for(batch: int, seq: int | None = None) -> dict[str, np.ndarray]:
+        key = (seq or max(seqs), batch)
+        if key not in cache:
+            cache[key] = real_inputs(bundle_dir, meta, key[0], batch)
+        return cache[key]
+
+    peaks = {p: gemm_peak(p, threads) for p in ("fp32", "int8")}
+    results = []
+    for entry in tqdm(entries, desc="bench", unit="graph", dynamic_ncols=True):
+        sess = ort_session(bundles.graph_path(bundle_dir, entry), threads)
+        score = (entry.get("metrics") or {}).get("f1", (entry.get("metrics") or {}).get("accuracy"))
+        variants = [("ort", entry["precision"], lambda inputs: (lambda: sess.run(None, inputs)))]
+        if torch_eager and entry["precision"] == "fp32":
+            for precision, dyn in (("fp32", False), ("int8-dynamic", True)):
+                model = _torch_model(source, entry["length_config"], dyn)
+                variants.append(("torch", precision, lambda inputs, m=model: _torch_runner(m, inputs)))
+        for batch in batches:
+            inputs = inputs_for(batch, entry["max_seq_length"])
+            reps = max(3, repeats // max(1, batch // 4))
+            for engine, precision, make in variants:
+                row = {"graph": entry["name"], "engine": engine, "precision": precision, "batch": batch,
+                       "macs": entry["macs"], "f1": score, "length_config": entry["length_config"],
+                       "size_mb": entry["size_bytes"] / 1e6, **time_fn(make(inputs), warmup=2, repeats=reps)}
+                peak = peaks["int8" if precision.startswith("int8") else "fp32"]
+                row["roofline_ms"] = 2 * entry["macs"] * batch / (peak * 1e9) * 1000
+                row["roofline_multiple"] = row["latency_ms_median"] / row["roofline_ms"]
+                results.append(row)
+    ref = bert_base_reference(max(seqs), batches, threads, repeats, inputs_for) if reference else []
+
+    key_of = {b: bundles.latency_key("cpu", b) for b in batches}
+
+    def record(m: dict) -> None:
+        for g in m["graphs"]:
+            for row in results:
+                if row["graph"] == g["name"] and row["engine"] == "ort":
+                    g["latency_ms"][key_of[row["batch"]]] = {"median": row["latency_ms_median"],
+                                                             "p90": row["latency_ms_p90"], "threads": threads}
+
+    bundles.update_manifest(bundle_dir, record)
+    return {"machine": {**machine_summary(threads), "gemm_peak_gops": peaks}, "bundle": str(bundle_dir),
+            "seq_length": max(seqs), "results": results, "reference": ref}
+
+
+def speedup_table(report: dict, batch: int = 1) -> str:
+    """Markdown in the QuaLA-MiniLM paper's Table 1 columns, speedups vs BERT-base PyTorch fp32 in this run."""
+    base = next((r for r in report["reference"] if r["engine"] == "torch" and r["batch"] == batch), None)
+    lines = [f"| model | engine | precision | size (MB) | tokens per layer | F1 | latency b{batch} (ms, median) "
+             f"| GMACs | speedup vs BERT-base PyTorch fp32 | x roofline |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [r for r in report["reference"] + report["results"] if r["batch"] == batch]
+    for r in rows:
+        speed = f"{base['latency_ms_median'] / r['latency_ms_median']:.1f}x" if base else "-"
+        tokens = ",".join(map(str, r["length_config"])) if r.get("length_config") else "full"
+        f1 = f"{r['f1']:.1f}" if r.get("f1") is not None else "-"
+        size = f"{r['size_mb']:.0f}" if r.get("size_mb") else "-"
+        roof = f"{r['roofline_multiple']:.1f}" if r.get("roofline_multiple") else "-"
+        lines.append(f"| {r['graph']} | {r['engine']} | {r['precision']} | {size} | {tokens} | {f1} | "
+                     f"{r['latency_ms_median']:.1f} | {r['macs'] / 1e9:.2f} | {speed} | {roof} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
+    """F1 vs latency and F1 vs GMACs (ORT rows with a measured F1), frontier points joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r["engine"] == "ort" and r["batch"] == batch and r["f1"] is not None]
+    paths = []
+    for x_key, label, name in (("latency_ms_median", f"ORT latency, batch {batch} (ms)", "f1-vs-latency.png"),
+                               ("macs", "GMACs", "f1-vs-macs.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for precision, marker in (("fp32", "o"), ("int8", "s")):
+            pts = sorted((r[x_key] / (1e9 if x_key == "macs" else 1), r["f1"]) for r in rows if r["precision"] == precision)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=f"{precision}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("F1 / accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(report: dict, json_out: Path | None, markdown_out: Path | None, plots_dir: Path | None) -> None:
+    """Write each requested output atomically; an unwritable path is a clear error."""
+    def atomic(path: Path, text: str) -> None:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise ToolchainError(f"cannot write {path}: {e}") from None
+
+    if json_out:
+        atomic(Path(json_out), json.dumps(report, indent=2))
+    if markdown_out:
+        batches = sorted({r["batch"] for r in report["results"]})
+        atomic(Path(markdown_out), "\n".join(f"### batch {b}\n\n{speedup_table(report, b)}" for b in batches))
+    if plots_dir:
+        Path(plots_dir).mkdir(parents=True, exist_ok=True)
+        plot_bench(report, Path(plots_dir))

@@ -1,0 +1,78 @@
+"""What this machine offers: CPU model and ISA extensions, cores, ONNX Runtime providers and whether CUDA works."""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import lru_cache
+from pathlib import Path
+
+# /proc/cpuinfo flag -> name used in reports and by the selector, best first
+ISA_FLAGS = {"amx_int8": "AMX", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX512-BF16",
+             "avx512f": "AVX512", "avx2": "AVX2"}
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """{'model': str, 'isa': [names], 'cores': usable cores}."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"model": model, "isa": [name for flag, name in ISA_FLAGS.items() if flag in flags], "cores": cores}
+
+
+def has_int8_dot_product(isa: list[str] | None = None) -> bool:
+    """True when the CPU has VNNI/AMX: INT8 GEMMs are fast and u8s8 cannot saturate."""
+    isa = cpu_info()["isa"] if isa is None else isa
+    return any(name in isa for name in ("AMX", "AVX512-VNNI", "AVX-VNNI"))
+
+
+@lru_cache(maxsize=1)
+def cuda_usable() -> tuple[bool, str]:
+    """(works, why): the CUDA execution provider is listed *and* a tiny graph really runs on it."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "onnxruntime has no CUDAExecutionProvider (install the 'cuda' extra: onnxruntime-gpu)"
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+        if sess.get_providers()[0] != "CUDAExecutionProvider":
+            return False, "the CUDA execution provider is listed but did not initialize (driver or CUDA libraries missing)"
+        sess.run(None, {"x": np.ones(1, np.float32)})
+    except Exception as e:  # any failure to start CUDA means: not usable
+        return False, f"the CUDA execution provider failed to run a probe graph: {type(e).__name__}: {e}"
+    return True, "CUDA execution provider initialized and ran a probe graph"
+
+
+def machine_summary(threads: int | None = None) -> dict:
+    """The `machine` object of benchmark results."""
+    import numpy
+    import onnxruntime
+    import torch
+    import transformers
+
+    from toolchain import __version__
+
+    info = cpu_info()
+    return {
+        "cpu": info["model"], "isa": info["isa"], "cores": info["cores"], "threads": threads,
+        "platform": platform.platform(), "ort_providers": onnxruntime.get_available_providers(),
+        "versions": {"toolchain": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                     "transformers": transformers.__version__, "numpy": numpy.__version__,
+                     "python": platform.python_version()},
+    }
