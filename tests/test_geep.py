@@ -271,7 +271,8 @@ def test_fastbert_baseline_exits(geep, backend, tmp_path):
     assert depths.tolist() == [1] * 9
     np.testing.assert_allclose(logits, students[0], atol=1e-4)
     # in between, the shrinking batch exits exactly where the students' entropies say (as exit profiling does)
-    speed = float(np.median(normalized_entropy(students[0])))  # about half leave at layer 1
+    ent = np.sort(normalized_entropy(students[0]))
+    speed = float((ent[4] + ent[5]) / 2)  # about half leave at layer 1; midway, so no sample sits on the threshold
     logits, depths = fastbert_predict(stepper, inputs, speed=speed, batch_size=4)
     np.testing.assert_array_equal(depths, exit_layers(students, speed))
     assert 1 < len(set(depths.tolist()))
