@@ -130,7 +130,7 @@ def eval_cmd(model_dir, eval_data, max_eval_examples, device, json_out):
     task = meta["task"]
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, task)
-    columns = Columns(**{**meta["columns"], "text": tuple(meta["columns"]["text"])}) if meta.get("columns") else Columns()
+    columns = Columns.from_meta(meta)
     metrics = evaluate_checkpoint(model, tokenizer, task, eval_data or _default_data(task, "dev"), max_eval_examples,
                                   meta["max_seq_length"], meta.get("doc_stride", 128), resolve_device(device),
                                   columns, meta.get("labels"))

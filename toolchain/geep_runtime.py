@@ -315,8 +315,7 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
         parse_aggregation(aggregation)
     device = resolve_device(device_name)
     model, tokenizer, meta = load_geep(checkpoint_dir)
-    saved = meta.get("columns") or {}
-    columns = prepare.Columns(tuple(saved.get("text", ("sentence",))), saved.get("label", "label"), saved.get("header", True))
+    columns = prepare.Columns.from_meta(meta)
     seq = meta.get("max_seq_length", 128)
     _, train = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples)
     _, dev = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)

@@ -167,11 +167,15 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
                              f"reachable with length-drop-ratio-bound {cfg.length_drop_ratio_bound}")
 
     t0 = time.time()
+    # only configurations this run has reached count, so a resumed run retraces the same path
     points: dict[Config, tuple[int, float]] = {}
+
+    def evaluate(configs: list[Config]) -> None:
+        for c in tqdm(configs, desc="candidates", unit="cfg", leave=False, dynamic_ncols=True):
+            points[c] = (count_macs(model.config, c, seq, head, num_labels), score_of(scorer(c)))
+
+    evaluate(population)
     for _ in tqdm(range(cfg.iterations), desc="search", unit="iter", dynamic_ncols=True):
-        # only configurations this run has reached count, so a resumed run retraces the same path
-        points.update({c: (count_macs(model.config, c, seq, head, num_labels), score_of(scorer(c)))
-                       for c in population})
         parents = _ranked(points)[:cfg.parents]  # elitist: the best of everything evaluated so far
         children: list[Config] = []
         for _ in range(20 * (cfg.mutations + cfg.crossovers)):
@@ -183,7 +187,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
                 child = crossover(rng.choice(parents), rng.choice(parents), rng)
             if in_bounds(child) and child not in children and child not in points:
                 children.append(child)
-        population = parents + children
+        evaluate(children)
     front = pareto_front(points)
 
     full_search = scorer(None)
@@ -220,7 +224,7 @@ def _splits(eval_path: Path, tokenizer, meta: dict, n_search: int, n_report: int
     if meta["task"] == "squad":
         return [prepare.squad_split(eval_path, tokenizer, seq, stride, n, skip=skip)
                 for n, skip in ((n_search, 0), (n_report, n_search))]
-    columns = prepare.Columns(**{**meta["columns"], "text": tuple(meta["columns"]["text"])})
+    columns = prepare.Columns.from_meta(meta)
     return [prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, n, skip=skip)[1]
             for n, skip in ((n_search, 0), (n_report, n_search))]
 

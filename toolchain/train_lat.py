@@ -101,7 +101,7 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     model, tokenizer, meta = load_length_adaptive(model_dir)
     partial = check_output(out_dir, force, resume)
     task, seq, stride = meta["task"], meta["max_seq_length"], meta.get("doc_stride", 128)
-    columns = prepare.Columns(**{**meta["columns"], "text": tuple(meta["columns"]["text"])}) if meta.get("columns") else None
+    columns = prepare.Columns.from_meta(meta)
     t0 = time.time()
     if task == "squad":
         _, feats = prepare.squad_split(train_path, tokenizer, seq, stride, max_train_examples, cfg.seed, split="train")

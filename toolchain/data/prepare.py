@@ -23,6 +23,12 @@ class Columns:
     def parse(cls, text: str, label: str, header: bool) -> "Columns":
         return cls(tuple(c.strip() for c in text.split(",") if c.strip()), label, header)
 
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Columns":
+        """The columns a checkpoint was trained with (its toolchain.json), or the SST-2 defaults."""
+        saved = meta.get("columns") or {}
+        return cls(tuple(saved.get("text", ("sentence",))), saved.get("label", "label"), saved.get("header", True))
+
 
 def squad_split(path: str | Path, tokenizer, max_seq_length: int, doc_stride: int, n: int | None = None,
                 seed: int = 0, split: str = "validation", skip: int = 0,
