@@ -56,9 +56,9 @@ def real_inputs(bundle_dir: Path, meta: dict, seq: int, batch: int) -> dict[str,
     """`batch` rows of real dev inputs at length `seq`, from the packaged slice (repeated if needed)."""
     from toolchain import data
     from toolchain.data import prepare
-    from toolchain.models import load_tokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = load_tokenizer(bundle_dir)
+    tokenizer = AutoTokenizer.from_pretrained(bundle_dir)  # a bundle holds tokenizer files, not weights
     if meta["task"] == "squad":
         _, feats = prepare.squad_split(data.SQUAD_DEV_SLICE, tokenizer, seq, min(meta.get("doc_stride", 128), seq // 2),
                                        n=max(batch, 8))

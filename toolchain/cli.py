@@ -383,6 +383,73 @@ def bench(bundle_dir, batch, threads, repeats, graphs, json_out, markdown_out, p
         click.echo(f"batch {b}\n" + speedup_table(report, b))
 
 
+def _selection_options(f):
+    """--bundle, the policy (at most one of --budget-ms, --min-f1, --max-macs), --batch, --ep, --threads."""
+    for option in reversed((
+        click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True),
+        click.option("--budget-ms", type=float, default=None,
+                     help="latency budget per batch: the most accurate graph that fits (else the fastest, with a warning)"),
+        click.option("--min-f1", type=float, default=None,
+                     help="accuracy floor (F1, or accuracy for classification, percent): the fastest graph reaching it"),
+        click.option("--max-macs", type=float, default=None, help="MAC budget: the most accurate graph within it"),
+        click.option("--batch", type=POSITIVE, default=1, show_default=True,
+                     help="rows per graph run; latencies are compared at this batch size"),
+        click.option("--ep", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="execution provider; auto uses CUDA only when it works"),
+        click.option("--threads", type=POSITIVE, default=None, help="intra-op threads (default: all cores)"),
+    )):
+        f = option(f)
+    return f
+
+
+def _report(selection) -> None:
+    for note in selection.notes:
+        click.echo(f"note: {note}", err=True)
+    if not selection.fits:
+        click.echo(f"warning: {selection.reason}", err=True)
+
+
+@main.command("select")
+@_selection_options
+@click.option("--json", "as_json", is_flag=True, help="print the choice and every candidate (latency, accuracy, why rejected)")
+def select_cmd(bundle_dir, budget_ms, min_f1, max_macs, batch, ep, threads, as_json):
+    """Pick a bundle's graph for a budget on this machine; latencies the manifest lacks are probed once and cached."""
+    from toolchain.runtime import Bundle, explain
+
+    selection = Bundle.load(bundle_dir, ep, threads=threads).select(budget_ms, min_f1, max_macs, batch)
+    _report(selection)
+    click.echo(json.dumps(explain(selection), indent=2) if as_json else f"{selection.entry['name']}: {selection.reason}")
+
+
+@main.command()
+@_selection_options
+@click.option("--question", default=None)
+@click.option("--context", default=None)
+@click.option("--requests", "requests_path", type=click.Path(path_type=Path), default=None,
+              help='JSON Lines (UTF-8): {"question", "context"} per line; classification: {"text"[, "text_pair"]}')
+def predict(bundle_dir, budget_ms, min_f1, max_macs, batch, ep, threads, question, context, requests_path):
+    """Answer with the graph selected for the budget: one JSON object per request and line on stdout."""
+    from toolchain.runtime import PREDICTORS, Bundle, QAPredictor, read_requests
+
+    bundle = Bundle.load(bundle_dir, ep, threads=threads)
+    cls = PREDICTORS[bundle.task]
+    if requests_path is not None:
+        if question is not None or context is not None:
+            raise ToolchainError("give --question/--context or --requests, not both")
+        items = read_requests(requests_path, cls.FIELDS, cls.REQUIRED)
+    elif cls is not QAPredictor:
+        raise ToolchainError(f"{bundle_dir} is a classification bundle: give --requests FILE.jsonl")
+    elif not (question and context):
+        raise ToolchainError("give --question and --context, or --requests FILE.jsonl")
+    else:
+        items = [(question, context)]
+    predictor = cls(bundle, budget_ms, min_f1, max_macs, batch)
+    _report(predictor.selection)
+    for start in range(0, len(items), 64):
+        for answer in predictor.predict_batch(items[start:start + 64]):
+            click.echo(json.dumps(answer))
+
+
 @main.command("run")
 @click.argument("recipe", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--only", multiple=True, help="run only steps of this command (repeatable)")
