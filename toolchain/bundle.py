@@ -138,6 +138,7 @@ def _write_json_atomic(path: Path, obj: object) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a bundle is meant to be served
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

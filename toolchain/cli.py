@@ -383,6 +383,33 @@ def bench(bundle_dir, batch, threads, repeats, graphs, json_out, markdown_out, p
         click.echo(f"batch {b}\n" + speedup_table(report, b))
 
 
+@main.command("quantize")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--calib-data", type=click.Path(path_type=Path), required=True,
+              help="the task's train data (SQuAD .json[.gz] or TSV/CSV); calibration runs at each graph's own length")
+@click.option("--eval-data", type=click.Path(path_type=Path), required=True, help="held-out dev data for the accuracy check")
+@click.option("--graphs", multiple=True, help="fp32 graph names to quantize (repeatable; default: all)")
+@click.option("--calib-samples", type=POSITIVE, default=300, show_default=True)
+@click.option("--eval-examples", type=POSITIVE, default=None, help="dev examples for the accuracy check (default: all)")
+@click.option("--eval-skip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="skip this many examples of the seeded dev permutation first (e.g. the search split)")
+@click.option("--tolerance", type=float, default=1.0, show_default=True, help="allowed drop vs the fp32 graph, in points")
+@click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu: U8S8 QOperator (VNNI); cuda: S8S8 QDQ")
+@click.option("--max-trials", type=POSITIVE, default=3, show_default=True, help="tuning trials (each keeps more ops in fp32)")
+@click.option("--seed", type=int, default=0, show_default=True)
+def quantize_cmd(bundle_dir, calib_data, eval_data, graphs, calib_samples, eval_examples, eval_skip, tolerance, ep,
+                 max_trials, seed):
+    """Static INT8 (Neural Compressor) of a bundle's graphs, accuracy-aware, added to the bundle."""
+    from toolchain.quantize import quantize_bundle
+
+    for e in quantize_bundle(bundle_dir, calib_data, eval_data, list(graphs) or None, calib_samples, eval_examples,
+                             tolerance, ep, seed, max_trials, eval_skip=eval_skip):
+        q, m = e["quantization"], e["quantization"]["metric"]
+        click.echo(f"{e['name']}: {m} {e['metrics'][m]:.2f} (fp32 {e['metrics']['fp32'][m]:.2f}); fp32 kept: "
+                   f"{', '.join(q['fp32_units']) or 'none'}; {q['size_ratio']:.0%} of fp32 size; {q['seconds']:.0f} s")
+
+
 def _selection_options(f):
     """--bundle, the policy (at most one of --budget-ms, --min-f1, --max-macs), --batch, --ep, --threads."""
     for option in reversed((
