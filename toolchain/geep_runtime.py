@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from toolchain.bench import ort_session as _ort_session
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.exit_predictor import ExitTable, exit_accuracy, export_predictor_onnx, parse_aggregation
@@ -245,12 +246,7 @@ def export_depth_graphs(model: GeepModel, out_dir: str | Path, depths: list[int]
 
 
 def ort_session(path: str | Path, device: torch.device | str = "cpu"):
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), providers=providers)
+    return _ort_session(Path(path), ep=torch.device(device).type)
 
 
 def _timed(fn: Callable[[], T]) -> tuple[T, float]:

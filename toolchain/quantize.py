@@ -41,6 +41,7 @@ from onnx_neural_compressor.quantization import config, tuning
 from onnxruntime.quantization import QuantFormat, QuantType
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from toolchain.bench import ort_session
 from toolchain.bundle import add_graph, graph_path, load_manifest, update_manifest
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
@@ -117,13 +118,7 @@ class _Reader:
 
 
 def _runner(path: Path | str, ep: str) -> Runner:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # spinning loses badly on a shared CPU
-    providers = ["CPUExecutionProvider"]
-    if ep == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(path), options, providers=providers)
+    session = ort_session(Path(path), ep=ep)
     return lambda feed: tuple(session.run(None, feed))
 
 
