@@ -388,7 +388,8 @@ def bench(bundle_dir, batch, threads, repeats, graphs, json_out, markdown_out, p
 @click.option("--calib-data", type=click.Path(path_type=Path), required=True,
               help="the task's train data (SQuAD .json[.gz] or TSV/CSV); calibration runs at each graph's own length")
 @click.option("--eval-data", type=click.Path(path_type=Path), required=True, help="held-out dev data for the accuracy check")
-@click.option("--graphs", multiple=True, help="fp32 graph names to quantize (repeatable; default: all)")
+@click.option("--graphs", multiple=True,
+              help="fp32 graph names to quantize, comma separated or repeated; 'chosen' = the search's choice (default: all)")
 @click.option("--calib-samples", type=POSITIVE, default=300, show_default=True)
 @click.option("--eval-examples", type=POSITIVE, default=None, help="dev examples for the accuracy check (default: all)")
 @click.option("--eval-skip", type=click.IntRange(min=0), default=0, show_default=True,
@@ -403,7 +404,8 @@ def quantize_cmd(bundle_dir, calib_data, eval_data, graphs, calib_samples, eval_
     """Static INT8 (Neural Compressor) of a bundle's graphs, accuracy-aware, added to the bundle."""
     from toolchain.quantize import quantize_bundle
 
-    for e in quantize_bundle(bundle_dir, calib_data, eval_data, list(graphs) or None, calib_samples, eval_examples,
+    names = [g for value in graphs for g in value.split(",") if g]
+    for e in quantize_bundle(bundle_dir, calib_data, eval_data, names or None, calib_samples, eval_examples,
                              tolerance, ep, seed, max_trials, eval_skip=eval_skip):
         q, m = e["quantization"], e["quantization"]["metric"]
         click.echo(f"{e['name']}: {m} {e['metrics'][m]:.2f} (fp32 {e['metrics']['fp32'][m]:.2f}); fp32 kept: "

@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from toolchain.bundle import machine_id, write_bundle
+from toolchain.bundle import machine_id, update_manifest, write_bundle
 from toolchain.data import SQUAD_DEV_SLICE, SST2_DEV_SLICE, prepare
 from toolchain.errors import ToolchainError
 from toolchain.lat import FixedLengthModel, LengthConfig, parse_length_config
@@ -243,5 +243,25 @@ def read_pareto(path: str | Path) -> list[list[int] | None]:
 
 def export_pareto(model_dir: str | Path, pareto_json: str | Path, out_dir: str | Path,
                   max_seq_length: int | None = None, force: bool = False, optimize: str = "auto") -> Path:
-    """Export the full model and every configuration on a pareto.json frontier into one bundle."""
-    return export(model_dir, out_dir, [None, *read_pareto(pareto_json)], max_seq_length, force, optimize)
+    """Export the full model and every configuration on a pareto.json frontier into one bundle.
+
+    The search's report-split accuracy of each configuration (measured in PyTorch, which the graphs
+    match) becomes the graph's `metrics`, and the manifest's `chosen` names the search's chosen graph.
+    """
+    configs = read_pareto(pareto_json)
+    out = export(model_dir, out_dir, [None, *configs], max_seq_length, force, optimize)
+    pareto = json.loads(Path(pareto_json).read_text(encoding="utf-8"))
+    points = {graph_name(None): pareto.get("full")}
+    points.update({graph_name(tuple(p["length_config"])): p for p in pareto["frontier"] if p["length_config"]})
+
+    def record(manifest: dict) -> None:
+        for entry in manifest["graphs"]:
+            report = (points.get(entry["name"]) or {}).get("report")
+            if report:
+                entry["metrics"] = {**report, "split": "search report split", "data": pareto.get("splits", {}).get("data")}
+        chosen = pareto.get("chosen")
+        if chosen:
+            manifest["chosen"] = graph_name(tuple(chosen["length_config"]))
+
+    update_manifest(out, record)
+    return out

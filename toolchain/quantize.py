@@ -157,8 +157,16 @@ def _tokenizer(bundle_dir: Path):
 
 
 def _select(manifest: dict, bundle_dir: Path, graphs: list[str] | None, ep: str) -> list[dict]:
-    """The fp32 ``lat`` graphs to quantize (all of them by default), refusing names whose INT8 graph exists."""
+    """The fp32 ``lat`` graphs to quantize (all of them by default), refusing names whose INT8 graph exists.
+
+    The name ``chosen`` stands for the graph the search chose (the manifest's ``chosen``, set by export --pareto).
+    """
     fp32 = {g["name"]: g for g in manifest["graphs"] if g["precision"] == "fp32" and g["kind"] == "lat"}
+    if graphs and "chosen" in graphs:
+        if not manifest.get("chosen"):
+            raise ToolchainError(f"bundle {bundle_dir} has no chosen graph (export it with --pareto from a search "
+                                 "that chose one)")
+        graphs = [manifest["chosen"] if g == "chosen" else g for g in graphs]
     unknown = [name for name in graphs or [] if name not in fp32]
     if unknown:
         raise ToolchainError(f"no fp32 graph named {', '.join(map(repr, unknown))} in bundle {bundle_dir}; "
@@ -167,11 +175,13 @@ def _select(manifest: dict, bundle_dir: Path, graphs: list[str] | None, ep: str)
     if not selected:
         raise ToolchainError(f"bundle {bundle_dir} has no fp32 graphs to quantize")
     names = {g["name"] for g in manifest["graphs"]}
+    todo = [e for e in selected if int8_name(e["name"], ep) not in names]
     for entry in selected:
-        name = int8_name(entry["name"], ep)
-        if name in names or (bundle_dir / f"{name}.onnx").exists():
-            raise ToolchainError(f"bundle {bundle_dir} already has an INT8 graph {name}")
-    return selected
+        if entry not in todo:
+            logging.getLogger(__name__).warning("%s already has %s; skipped", bundle_dir, int8_name(entry["name"], ep))
+        elif (bundle_dir / f"{int8_name(entry['name'], ep)}.onnx").exists():
+            raise ToolchainError(f"bundle {bundle_dir} has a stray file {int8_name(entry['name'], ep)}.onnx not in its manifest")
+    return todo
 
 
 def int8_name(parent: str, ep: str) -> str:

@@ -1,9 +1,9 @@
 """`toolchain run RECIPE.yaml`: run a pipeline of toolchain commands, skipping finished steps.
 
 A recipe names a work directory and a list of steps; each step is one toolchain command with its
-options. A step whose `out` already exists is skipped (every command writes its output atomically,
-so an existing output is a finished one); an interrupted step is resumed where the command
-supports `--resume`.
+options. A step whose `out` (or, without one, `json`) already exists is skipped (every command writes
+its output atomically, so an existing output is a finished one); an interrupted step is resumed
+where the command supports `--resume`. `quantize` skips graphs that already have their INT8 twin.
 
     workdir: runs/quickstart
     steps:
@@ -67,7 +67,7 @@ def run_recipe(path: Path, main: click.Group, only: tuple[str, ...] = ()) -> Non
         if command is None:
             raise ToolchainError(f"{path}: step {i} names unknown command {name!r}")
         args = step_args(options, workdir)
-        out = options.get("out")
+        out = options.get("out", options.get("json"))  # a step's output: its folder, or its JSON report
         label = f"[{i}/{len(steps)}] {name}"
         if only and name not in only:
             continue
