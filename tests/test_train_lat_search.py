@@ -148,3 +148,14 @@ def test_macs_cli_rejects_bad_length_configs(tiny_lat, cfg, message):
 def test_macs_cli_prints_integer_last(tiny_lat):
     result = CliRunner().invoke(main, ["macs", "--arch", "minilm-l6-h384"])
     assert result.exit_code == 0 and abs(int(result.output.strip().splitlines()[-1]) - 4.76e9) / 4.76e9 < 0.01
+
+
+def test_choose_by_tolerance_or_mac_target():
+    from toolchain.search import choose
+
+    front = [{"macs": m, "macs_ratio": m / 100, "search": {"f1": f}} for m, f in ((40, 40.0), (50, 47.0), (60, 49.5), (80, 50.0))]
+    assert choose(front, 50.0, tolerance=1.0)["macs"] == 60  # cheapest within 1 point of full
+    assert choose(front, 50.0, tolerance=0.1)["macs"] == 80
+    assert choose(front, 60.0, tolerance=1.0) is None
+    assert choose(front, 50.0, target_macs_ratio=0.55)["macs"] == 50  # most accurate at <= 55% MACs
+    assert choose(front, 50.0, target_macs_ratio=0.3) is None

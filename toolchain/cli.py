@@ -206,13 +206,15 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
 @click.option("--max-macs-ratio", type=float, default=1.0, show_default=True)
 @click.option("--choose-tolerance", type=float, default=1.0, show_default=True,
               help="chosen = cheapest frontier point within this many points of full length (search split)")
+@click.option("--target-macs-ratio", type=float, default=None,
+              help="chosen = most accurate frontier point at or below this share of full MACs (search split)")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--resume", is_flag=True, help="continue an interrupted search (cached evaluations are reused)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
-def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, choose_tolerance, batch_size, device,
-               resume, force, **kw):
+def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, choose_tolerance, target_macs_ratio,
+               batch_size, device, resume, force, **kw):
     """Evolutionary search for Pareto-best length configurations (accuracy vs MACs)."""
     from toolchain.models import read_meta
     from toolchain.search import SearchConfig, search
@@ -221,7 +223,7 @@ def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, 
     result = search(model_dir=model_dir, eval_path=eval_data or _default_data(task, "dev"), out_dir=out_dir,
                     search_examples=search_examples, report_examples=report_examples, cfg=SearchConfig(**kw),
                     device_name=device, choose_tolerance=choose_tolerance, batch_size=batch_size, resume=resume,
-                    force=force)
+                    force=force, target_macs_ratio=target_macs_ratio)
     click.echo(json.dumps({"full": result["full"], "chosen": result["chosen"],
                            "frontier_size": len(result["frontier"]), "evaluated": result["evaluated"]}, indent=2))
 

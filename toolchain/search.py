@@ -129,7 +129,7 @@ def score_of(metrics: dict) -> float:
 
 def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: int, report_examples: int,
            cfg: SearchConfig, device_name: str, choose_tolerance: float = 1.0, batch_size: int = 64,
-           resume: bool = False, force: bool = False) -> dict:
+           resume: bool = False, force: bool = False, target_macs_ratio: float | None = None) -> dict:
     """Run the evolutionary search; write pareto.json, pareto.png and the evaluation cache into `out_dir`.
 
     Work happens in a hidden `.NAME.partial` folder beside `out_dir` (the resumable cache), renamed
@@ -195,7 +195,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     full_report = reporter(None)
     frontier = [{"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
                  "search": scorer(c), "report": reporter(c)} for c in tqdm(front, desc="report split", leave=False)]
-    chosen = _choose(frontier, score_of(full_search), choose_tolerance)
+    chosen = choose(frontier, score_of(full_search), choose_tolerance, target_macs_ratio)
     result = {
         "model": str(model_dir), "task": task, "max_seq_length": seq, "metric": "f1" if task == "squad" else "accuracy",
         "full": {"length_config": None, "macs": full_macs, "search": full_search, "report": full_report},
@@ -212,8 +212,16 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     return result
 
 
-def _choose(frontier: list[dict], full_score: float, tolerance: float) -> dict | None:
-    """The cheapest frontier point whose *search* score is within `tolerance` of full length."""
+def choose(frontier: list[dict], full_score: float, tolerance: float = 1.0,
+           target_macs_ratio: float | None = None) -> dict | None:
+    """The configuration to deploy, judged on the *search* split.
+
+    With a MAC target: the most accurate frontier point at or below that share of full-length MACs.
+    Otherwise: the cheapest frontier point within `tolerance` points of full length.
+    """
+    if target_macs_ratio is not None:
+        ok = [p for p in frontier if p["macs_ratio"] <= target_macs_ratio]
+        return max(ok, key=lambda p: score_of(p["search"])) if ok else None
     ok = [p for p in frontier if score_of(p["search"]) >= full_score - tolerance]
     return min(ok, key=lambda p: p["macs"]) if ok else None
 
