@@ -195,7 +195,12 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
     t0 = time.perf_counter()
     fp32_path, name = graph_path(bundle_dir, entry), entry["name"]
     pre = work / f"{name}.pre.onnx"
-    quant_pre_process(fp32_path, pre)
+    try:
+        quant_pre_process(fp32_path, pre)
+    except Exception as e:  # symbolic shape inference cannot see through ONNX Runtime contrib ops
+        raise ToolchainError(f"cannot prepare {name} for quantization ({type(e).__name__}: {e}); graphs with ONNX "
+                             "Runtime contrib ops (export --optimize ort-extended or fusion) do not quantize: "
+                             "re-export with --optimize auto or none") from None
     fp32 = evaluate(_runner(fp32_path, ep))
     units = fallback_units(onnx.load(pre, load_external_data=False).graph)
     trials: list[dict] = []
