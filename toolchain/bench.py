@@ -96,7 +96,7 @@ def gemm_peak(precision: str, threads: int, m: int = 1536, k: int = 1536, n: int
         x_type, y_type, x = TensorProto.FLOAT, TensorProto.FLOAT, rng.standard_normal((m, k), dtype=np.float32)
     graph = helper.make_graph([node], "gemm", [helper.make_tensor_value_info("x", x_type, [m, k])],
                               [helper.make_tensor_value_info("y", y_type, [m, n])], initializer=[w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     sess = ort_session(model.SerializeToString(), threads)
     t = time_fn(lambda: sess.run(None, {"x": x}), warmup=3, repeats=20)["latency_ms_median"]
     return 2 * m * k * n / (t / 1000) / 1e9

@@ -48,7 +48,7 @@ def cuda_usable() -> tuple[bool, str]:
     graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
         if sess.get_providers()[0] != "CUDAExecutionProvider":

@@ -1,0 +1,113 @@
+"""`toolchain bench` on a tiny bundle, and `toolchain run` recipes (skip finished steps, clear errors)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_tiny_model_dir
+from toolchain.bench import bench_bundle, speedup_table, time_fn, write_outputs
+from toolchain.bundle import latency_key, load_manifest
+from toolchain.cli import main
+from toolchain.errors import ToolchainError
+from toolchain.export import export
+from toolchain.recipe import load_recipe, step_args
+
+META = {"task": "squad", "max_seq_length": 64, "doc_stride": 16, "labels": None, "length_adaptive": True,
+        "keep_cls": False}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    ckpt = make_tiny_model_dir(tmp_path_factory.mktemp("ckpt"))
+    (ckpt / "toolchain.json").write_text(json.dumps(META))
+    return export(ckpt, tmp_path_factory.mktemp("out") / "bundle", [None, (40, 20)], optimize="none")
+
+
+def test_time_fn_reports_median_and_p90():
+    calls = []
+    stats = time_fn(lambda: calls.append(1), warmup=2, repeats=5)
+    assert len(calls) == 7 and stats["runs"] == 5
+    assert 0 <= stats["latency_ms_median"] <= stats["latency_ms_p90"]
+
+
+def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
+    report = bench_bundle(bundle, [1, 2], threads=1, repeats=2, torch_eager=True, reference=False)
+    rows = report["results"]
+    # per graph and batch: ORT fp32, PyTorch fp32 and PyTorch dynamic INT8 at the same configuration
+    assert {(r["graph"], r["engine"], r["precision"], r["batch"]) for r in rows} == {
+        (g, e, p, b) for g in ("lat-full", "lat-40-20") for e, p in (("ort", "fp32"), ("torch", "fp32"),
+                                                                     ("torch", "int8-dynamic")) for b in (1, 2)}
+    for r in rows:
+        assert r["latency_ms_median"] > 0 and r["roofline_ms"] > 0 and r["roofline_multiple"] > 0
+    assert report["machine"]["gemm_peak_gops"]["int8"] > 0 and report["machine"]["cores"] >= 1
+    manifest = load_manifest(bundle)  # latencies were written back, checksums still verify
+    for g in manifest["graphs"]:
+        assert set(g["latency_ms"]) == {latency_key("cpu", 1), latency_key("cpu", 2)}
+    # a fake BERT-base reference row gives the speedup column
+    report["reference"] = [{**rows[0], "graph": "bert-base", "engine": "torch", "batch": 1,
+                            "latency_ms_median": 10 * rows[0]["latency_ms_median"], "length_config": None}]
+    table = speedup_table(report, 1)
+    assert "| lat-40-20 | ort | fp32 |" in table and "10.0x" in table
+    write_outputs(report, tmp_path / "b.json", tmp_path / "t.md", tmp_path / "plots")
+    assert json.loads((tmp_path / "b.json").read_text())["results"] == rows
+    assert (tmp_path / "t.md").read_text().startswith("### batch 1")
+    assert (tmp_path / "plots" / "f1-vs-latency.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "must be positive integers"),
+    (["--batch", "one"], "comma-separated integers"),
+    (["--json", "/nonexistent/dir/out.json"], "cannot write /nonexistent/dir/out.json"),
+])
+def test_bench_bad_inputs(bundle, args, message):
+    result = CliRunner().invoke(main, ["bench", "--bundle", str(bundle), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_bench_empty_bundle(bundle, tmp_path):
+    with pytest.raises(ToolchainError, match="bundle not found"):
+        bench_bundle(tmp_path / "missing", [1])
+    with pytest.raises(ToolchainError, match="no CPU graphs"):
+        bench_bundle(bundle, [1], graphs=["nope"])
+
+
+def test_recipe_skips_finished_steps(tmp_path):
+    model = make_tiny_model_dir(tmp_path / "tiny")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""workdir: {tmp_path / 'work'}
+steps:
+  - finetune: {{task: squad, model: {model}, out: ft, max-train-examples: 4, max-eval-examples: 4,
+                max-seq-length: 64, doc-stride: 16, epochs: 1, batch-size: 4, device: cpu}}
+""")
+    first = CliRunner().invoke(main, ["run", str(recipe)])
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "work" / "ft" / "metrics.json").is_file()
+    second = CliRunner().invoke(main, ["run", str(recipe)])
+    assert second.exit_code == 0 and "exists, skipped" in second.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: []", "needs 'workdir'"),
+    ("workdir: w\nsteps:\n  - finetune: 3", "must be one mapping"),
+    ("workdir: w\nsteps: [\n", "cannot read recipe"),
+])
+def test_recipe_errors(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ToolchainError, match=message):
+        load_recipe(path)
+
+
+def test_recipe_unknown_command(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"workdir: {tmp_path}\nsteps:\n  - fly: {{out: x}}\n")
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 2 and "unknown command 'fly'" in result.output
+
+
+def test_step_args_paths_flags_and_lists(tmp_path):
+    args = step_args({"model": "ft", "out": "/abs/o", "resume": True, "force": False, "graphs": ["a", "b"],
+                      "train-data": "{workdir}/t.json"}, tmp_path)
+    assert args == ["--model", str(tmp_path / "ft"), "--out", "/abs/o", "--resume", "--graphs", "a,b",
+                    "--train-data", f"{tmp_path}/t.json"]
