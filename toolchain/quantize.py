@@ -196,9 +196,10 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
     t0 = time.perf_counter()
     fp32_path, name = graph_path(bundle_dir, entry), entry["name"]
     pre = work / f"{name}.pre.onnx"
+    src, dst = fp32_path.resolve(), pre.resolve()  # before the chdir below
     try:
         with contextlib.chdir(work.resolve()):  # its shape inference may drop temporary external-data files in the cwd
-            quant_pre_process(fp32_path.resolve(), pre.resolve())
+            quant_pre_process(src, dst)
     except Exception as e:  # symbolic shape inference cannot see through ONNX Runtime contrib ops
         raise ToolchainError(f"cannot prepare {name} for quantization ({type(e).__name__}: {e}); graphs with ONNX "
                              "Runtime contrib ops (export --optimize ort-extended or fusion) do not quantize: "
