@@ -205,3 +205,12 @@ def test_fallback_units_follow_the_roles(qa_bundle):
     assert [len(units[u]) for u in ("ffn-out", "qkv", "ffn-in", "attention-out", "embeddings")] == [2, 6, 2, 2, 3]
     assert all("intermediate" in n for n in units["ffn-in"]) and all("query" in n or "key" in n or "value" in n
                                                                       for n in units["qkv"])
+
+
+def test_relative_bundle_path_leaves_cwd_clean(bundle, monkeypatch):
+    monkeypatch.chdir(bundle.parent)
+    before = set(bundle.parent.iterdir())
+    entries = quantize.quantize_bundle("bundle", SQUAD_TRAIN_SLICE, SQUAD_DEV_SLICE, graphs=["lat-full"], **FAST)
+    assert [e["name"] for e in entries] == ["lat-full-int8-cpu"]
+    assert set(bundle.parent.iterdir()) == before  # no temporary files left beside the bundle or in the cwd
+    load_manifest(bundle, verify=True)
