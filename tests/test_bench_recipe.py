@@ -107,7 +107,7 @@ def test_recipe_unknown_command(tmp_path):
 
 
 def test_step_args_paths_flags_and_lists(tmp_path):
-    args = step_args({"model": "ft", "out": "/abs/o", "resume": True, "force": False, "graphs": ["a", "b"],
+    args = step_args({"model": "ft", "out": "/abs/o", "resume": True, "force": False, "graphs": ["a", "b"], "plots": "p",
                       "train-data": "{workdir}/t.json"}, tmp_path)
-    assert args == ["--model", str(tmp_path / "ft"), "--out", "/abs/o", "--resume", "--graphs", "a,b",
+    assert args == ["--model", str(tmp_path / "ft"), "--out", "/abs/o", "--resume", "--graphs", "a,b", "--plots", str(tmp_path / "p"),
                     "--train-data", f"{tmp_path}/t.json"]

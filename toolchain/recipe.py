@@ -23,7 +23,7 @@ import yaml
 
 from toolchain.errors import ToolchainError
 
-WORKDIR_KEYS = {"out", "model", "bundle", "pareto", "json", "markdown", "teacher", "plot"}
+WORKDIR_KEYS = {"out", "model", "bundle", "pareto", "json", "markdown", "plots"}
 
 
 def load_recipe(path: Path) -> dict:
