@@ -14,6 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from toolchain import export as export_mod
 from toolchain.bundle import add_graph, graph_path, latency_key, load_manifest, update_manifest, write_bundle
+from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.export import OPTIMIZATIONS, export, export_pareto
 from toolchain.lat import FixedLengthModel
@@ -42,7 +43,7 @@ def bundle(checkpoint, tmp_path_factory):
 
 def _dev_inputs(checkpoint):
     _, tokenizer, _ = load_length_adaptive(checkpoint)
-    return export_mod._dev_inputs("squad", tokenizer, 16, SEQ)
+    return prepare.sample_inputs("squad", tokenizer, SEQ, export_mod.PARITY_BATCH, 16)
 
 
 @pytest.mark.timeout(60)

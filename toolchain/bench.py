@@ -63,22 +63,13 @@ def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = 
 
 
 def real_inputs(bundle_dir: Path, meta: dict, seq: int, batch: int) -> dict[str, np.ndarray]:
-    """`batch` rows of real dev inputs at length `seq`, from the packaged slice (repeated if needed)."""
-    from toolchain import data
-    from toolchain.data import prepare
+    """`batch` rows of real dev inputs at length `seq` for a bundle (its tokenizer, task and doc stride)."""
     from transformers import AutoTokenizer
 
+    from toolchain.data.prepare import sample_inputs
+
     tokenizer = AutoTokenizer.from_pretrained(bundle_dir)  # a bundle holds tokenizer files, not weights
-    if meta["task"] == "squad":
-        _, feats = prepare.squad_split(data.SQUAD_DEV_SLICE, tokenizer, seq, min(meta.get("doc_stride", 128), seq // 2),
-                                       n=max(batch, 8))
-        rows = feats.inputs(slice(None))
-    else:
-        _, rows = prepare.classify_split(data.SST2_DEV_SLICE, tokenizer, seq, meta["labels"], prepare.Columns(),
-                                         n=max(batch, 8))
-        rows.pop("labels")
-    idx = np.arange(batch) % len(rows["input_ids"])
-    return {k: np.ascontiguousarray(v[idx]) for k, v in rows.items()}
+    return sample_inputs(meta["task"], tokenizer, seq, batch, meta.get("doc_stride", 128))
 
 
 def gemm_peak(precision: str, threads: int, m: int = 1536, k: int = 1536, n: int = 1536) -> float:

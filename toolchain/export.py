@@ -22,7 +22,7 @@ import onnxruntime as ort
 import torch
 
 from toolchain.bundle import machine_id, update_manifest, write_bundle
-from toolchain.data import SQUAD_DEV_SLICE, SST2_DEV_SLICE, prepare
+from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.lat import FixedLengthModel, LengthConfig, parse_length_config
 from toolchain.macs import count_macs
@@ -45,15 +45,6 @@ Cases = list[tuple[dict[str, np.ndarray], tuple[np.ndarray, ...]]]
 def graph_name(length_config: LengthConfig) -> str:
     """``lat-full`` or ``lat-315-251-242-159-142-33``."""
     return "lat-full" if length_config is None else "lat-" + "-".join(map(str, length_config))
-
-
-def _dev_inputs(task: str, tokenizer, doc_stride: int, seq_len: int) -> dict[str, np.ndarray]:
-    """The first PARITY_BATCH rows of the packaged dev slice, tokenized at ``seq_len``."""
-    if task == "squad":
-        _, feats = prepare.squad_split(SQUAD_DEV_SLICE, tokenizer, seq_len, min(doc_stride, seq_len // 2), PARITY_BATCH)
-        return feats.inputs(slice(0, PARITY_BATCH))
-    _, arrays = prepare.classify_split(SST2_DEV_SLICE, tokenizer, seq_len, None, prepare.Columns(), PARITY_BATCH)
-    return {k: v for k, v in arrays.items() if k != "labels"}
 
 
 def _export_graph(fixed: FixedLengthModel, inputs: dict[str, np.ndarray], outputs: Sequence[str], path: Path) -> None:
@@ -192,7 +183,7 @@ def export(model_dir: str | Path, out_dir: str | Path, length_configs: Sequence[
     configs = list(dict.fromkeys(parse_length_config(c, wrapper.num_layers, seq_len) for c in length_configs))
     if not configs:
         raise ToolchainError("nothing to export: give at least one length configuration")
-    inputs = _dev_inputs(task, tokenizer, meta.get("doc_stride", 128), seq_len)
+    inputs = prepare.sample_inputs(task, tokenizer, seq_len, PARITY_BATCH, meta.get("doc_stride", 128))
     outputs = ("start_logits", "end_logits") if wrapper.task == "qa" else ("logits",)
 
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.stage-",

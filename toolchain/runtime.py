@@ -41,7 +41,7 @@ import numpy as np
 
 from toolchain.bench import ort_session, time_fn
 from toolchain.bundle import EPS, _write_json_atomic, graph_path, latency_key, load_manifest
-from toolchain.data import SQUAD_DEV_SLICE, SST2_DEV_SLICE, prepare
+from toolchain.data import prepare
 from toolchain.data.squad import SquadExample, build_features, postprocess
 from toolchain.errors import ToolchainError
 from toolchain.hardware import cpu_info, cuda_usable, has_int8_dot_product
@@ -331,20 +331,12 @@ class Bundle:
 
     def probe(self, entry: Mapping, ep: str, batch: int) -> dict:
         """Time a graph here: ``probe_runs`` runs (after one warm-up) on real dev inputs at ``batch``."""
-        session, rows = self.session(entry, ep), self._dev_rows(entry["max_seq_length"], batch)
+        session = self.session(entry, ep)
+        rows = prepare.sample_inputs(self.task, self.tokenizer, entry["max_seq_length"], batch,
+                                     self.meta.get("doc_stride", 128))
         feed = {k: rows[k] for k in entry["inputs"]}
         t = time_fn(lambda: session.run(None, feed), warmup=1, repeats=self.probe_runs)
         return {"median": t["latency_ms_median"], "p90": t["latency_ms_p90"], "threads": self.threads, "runs": t["runs"]}
-
-    def _dev_rows(self, seq: int, batch: int) -> dict[str, np.ndarray]:
-        """``batch`` rows of the packaged dev slice tokenized at ``seq`` (rows repeat when the slice is shorter)."""
-        if self.task == "squad":
-            _, feats = prepare.squad_split(SQUAD_DEV_SLICE, self.tokenizer, seq, self.doc_stride(seq), n=min(batch, 8))
-            rows = feats.inputs(slice(None))
-        else:
-            _, rows = prepare.classify_split(SST2_DEV_SLICE, self.tokenizer, seq, None, prepare.Columns(), n=min(batch, 8))
-        idx = np.arange(batch) % len(rows["input_ids"])
-        return {k: np.ascontiguousarray(v[idx]) for k, v in rows.items() if k != "labels"}
 
     def _read_cache(self) -> dict:
         path = self.path / CACHE

@@ -49,3 +49,19 @@ def classify_split(path: str | Path, tokenizer, max_seq_length: int, labels: lis
     examples = take(classify.load_classification(path, columns.text, columns.label, columns.header), n, seed, skip)
     labels = labels or classify.label_list(examples)
     return labels, classify.encode(examples, tokenizer, max_seq_length, labels)
+
+
+def sample_inputs(task: str, tokenizer, seq: int, batch: int, doc_stride: int = 128) -> dict[str, np.ndarray]:
+    """`batch` rows of real model inputs at length `seq` from the packaged dev slice (rows repeat if needed).
+
+    For parity checks and latency probes: SQuAD windows (stride capped at seq // 2) or SST-2 sentences.
+    """
+    from toolchain.data import SQUAD_DEV_SLICE, SST2_DEV_SLICE
+
+    n = min(batch, 8)
+    if task == "squad":
+        rows = squad_split(SQUAD_DEV_SLICE, tokenizer, seq, min(doc_stride, seq // 2), n)[1].inputs(slice(None))
+    else:
+        rows = classify_split(SST2_DEV_SLICE, tokenizer, seq, None, Columns(), n)[1]
+    idx = np.arange(batch) % len(rows["input_ids"])
+    return {k: np.ascontiguousarray(v[idx]) for k, v in rows.items() if k != "labels"}
