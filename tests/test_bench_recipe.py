@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_tiny_model_dir
-from toolchain.bench import bench_bundle, speedup_table, time_fn, write_outputs
+from toolchain.bench import bench_bundle, compare_reports, speedup_table, time_fn, write_outputs
 from toolchain.bundle import latency_key, load_manifest
 from toolchain.cli import main
 from toolchain.errors import ToolchainError
@@ -53,6 +53,32 @@ def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["results"] == rows
     assert (tmp_path / "t.md").read_text().startswith("### batch 1")
     assert (tmp_path / "plots" / "f1-vs-latency.png").is_file()
+
+
+def _report(base_ms: float, rows: dict[str, float]) -> dict:
+    row = lambda g, e, ms: {"graph": g, "engine": e, "precision": "fp32", "batch": 1, "latency_ms_median": ms}  # noqa: E731
+    return {"reference": [row("bert-base", "torch", base_ms)],
+            "results": [row(g, "ort", ms) for g, ms in rows.items()]}
+
+
+def test_compare_reports_flags_ratios_that_moved():
+    first = _report(1000.0, {"a": 10.0, "b": 20.0})
+    # the whole machine 20% slower: every ratio is unchanged, so the runs agree
+    same = compare_reports(first, _report(1200.0, {"a": 12.0, "b": 24.0}))
+    assert same["compared"] == 3 and same["unstable"] == [] and same["max_abs_change"] < 1e-9
+    # graph b alone 25% slower: its speedup drops by 20%, over the 10% tolerance
+    moved = compare_reports(first, _report(1000.0, {"a": 10.0, "b": 25.0, "new-graph": 5.0}))
+    assert [r["graph"] for r in moved["unstable"]] == ["b"] and moved["compared"] == 3
+    assert moved["worst"]["change"] == pytest.approx(-0.2)
+    with pytest.raises(ToolchainError, match="share no row"):
+        compare_reports(first, {"reference": [], "results": []})
+
+
+def test_bench_compare_rejects_a_file_that_is_not_a_report(bundle, tmp_path):
+    bad = tmp_path / "old.json"
+    bad.write_text('{"results": []}')
+    result = CliRunner().invoke(main, ["bench", "--bundle", str(bundle), "--compare", str(bad)])
+    assert result.exit_code == 2 and "is not a readable bench JSON" in result.output, result.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -66,6 +66,27 @@ def test_layer_loop_matches_hf_encoder_and_checks_depth():
             model(**batch, depth=bad)
 
 
+def test_mean_pooling_ignores_padding_and_cls_pooling_reads_first_token():
+    batch = padded_batch(n=4, length=10)
+    longer = {k: np.pad(v, ((0, 0), (0, 6))) for k, v in batch.items()}  # 6 more padding positions
+    for pooling in ("mean", "cls"):
+        torch.manual_seed(0)
+        hf = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, intermediate_size=64))
+        model = GeepModel(hf, pooling=pooling).eval()
+        with torch.no_grad():
+            a, b = model(**tensors(batch)), model(**tensors(longer))
+            states = model.hidden_states(**tensors(batch))[-1]
+            mask = torch.from_numpy(batch["attention_mask"]).float()[..., None]
+            pooled = (states * mask).sum(1) / mask.sum(1) if pooling == "mean" else states[:, 0]
+            head = model.teacher
+            want = head.out(torch.tanh(head.dense(pooled)))
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+        np.testing.assert_allclose(a.numpy(), want.numpy(), atol=1e-5)
+    with pytest.raises(ToolchainError, match="pooling"):
+        GeepModel(hf, pooling="max")
+
+
 def test_shared_exit_loss_training_lowers_teacher_loss_at_every_depth(tokenizer, tmp_path):
     from toolchain.models import load_model
 

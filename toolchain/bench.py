@@ -231,6 +231,28 @@ def speedup_table(report: dict, batch: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speedups(report: dict) -> dict[tuple, float]:
+    """Every row's speedup vs BERT-base PyTorch fp32 at its batch, keyed (graph, engine, precision, batch)."""
+    base = {r["batch"]: r["latency_ms_median"] for r in report["reference"] if r["engine"] == "torch"}
+    return {(r["graph"], r["engine"], r["precision"], r["batch"]): base[r["batch"]] / r["latency_ms_median"]
+            for r in report["reference"] + report["results"] if r["batch"] in base}
+
+
+def compare_reports(previous: dict, current: dict, tolerance: float = 0.10) -> dict:
+    """Run-to-run stability: the relative change of every speedup ratio measured in both runs.
+
+    A ratio from one run cancels a machine's speed drift, so two consecutive runs should agree on each ratio
+    within ``tolerance``; ``unstable`` lists the rows that do not."""
+    old, new = speedups(previous), speedups(current)
+    rows = [{"graph": k[0], "engine": k[1], "precision": k[2], "batch": k[3], "previous": old[k], "current": new[k],
+             "change": new[k] / old[k] - 1} for k in sorted(old.keys() & new.keys(), key=str)]
+    if not rows:
+        raise ToolchainError("the two bench reports share no row with a BERT-base PyTorch reference at the same batch")
+    worst = max(rows, key=lambda r: abs(r["change"]))
+    return {"tolerance": tolerance, "compared": len(rows), "max_abs_change": abs(worst["change"]), "worst": worst,
+            "unstable": [r for r in rows if abs(r["change"]) > tolerance], "rows": rows}
+
+
 def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
     """F1 vs latency and F1 vs GMACs (ORT rows with a measured F1), frontier points joined."""
     import matplotlib

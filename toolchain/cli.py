@@ -115,9 +115,10 @@ def finetune(task, model_dir, train_data, eval_data, out_dir, max_seq_length, do
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="checkpoint folder")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="dev set (default: packaged slice)")
 @click.option("--max-eval-examples", type=POSITIVE, default=None)
+@click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write metrics here")
-def eval_cmd(model_dir, eval_data, max_eval_examples, device, json_out):
+def eval_cmd(model_dir, eval_data, max_eval_examples, max_seq_length, device, json_out):
     """Evaluate a fine-tuned checkpoint with PyTorch (EM/F1 or accuracy)."""
     from toolchain.data.prepare import Columns
     from toolchain.finetune import evaluate_checkpoint
@@ -132,7 +133,8 @@ def eval_cmd(model_dir, eval_data, max_eval_examples, device, json_out):
     model = load_model(model_dir, task)
     columns = Columns.from_meta(meta)
     metrics = evaluate_checkpoint(model, tokenizer, task, eval_data or _default_data(task, "dev"), max_eval_examples,
-                                  meta["max_seq_length"], meta.get("doc_stride", 128), resolve_device(device),
+                                  max_seq_length or meta["max_seq_length"], meta.get("doc_stride", 128),
+                                  resolve_device(device),
                                   columns, meta.get("labels"))
     _write_json(json_out, metrics)
     click.echo(json.dumps(metrics, indent=2))
@@ -208,13 +210,15 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
               help="chosen = cheapest frontier point within this many points of full length (search split)")
 @click.option("--target-macs-ratio", type=float, default=None,
               help="chosen = most accurate frontier point at or below this share of full MACs (search split)")
+@click.option("--max-seq-length", type=POSITIVE, default=None,
+              help="sequence length to search, cost and later export at (default: the checkpoint's)")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--resume", is_flag=True, help="continue an interrupted search (cached evaluations are reused)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, choose_tolerance, target_macs_ratio,
-               batch_size, device, resume, force, **kw):
+               max_seq_length, batch_size, device, resume, force, **kw):
     """Evolutionary search for Pareto-best length configurations (accuracy vs MACs)."""
     from toolchain.models import read_meta
     from toolchain.search import SearchConfig, search
@@ -223,7 +227,7 @@ def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, 
     result = search(model_dir=model_dir, eval_path=eval_data or _default_data(task, "dev"), out_dir=out_dir,
                     search_examples=search_examples, report_examples=report_examples, cfg=SearchConfig(**kw),
                     device_name=device, choose_tolerance=choose_tolerance, batch_size=batch_size, resume=resume,
-                    force=force, target_macs_ratio=target_macs_ratio)
+                    force=force, target_macs_ratio=target_macs_ratio, max_seq_length=max_seq_length)
     click.echo(json.dumps({"full": result["full"], "chosen": result["chosen"],
                            "frontier_size": len(result["frontier"]), "evaluated": result["evaluated"]}, indent=2))
 
@@ -291,9 +295,11 @@ def export_cmd(model_dir, length_cfgs, pareto, out_dir, max_seq_length, optimize
 @click.option("--max-seq-length", type=POSITIVE, default=128, show_default=True)
 @click.option("--depth-weights", default=None, help="teacher loss weight per depth, comma separated (default: proportional to depth)")
 @click.option("--student-weight", type=float, default=1.0, show_default=True)
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
+              help="how the exit classifier pools the token states")
 @_train_options
 @_columns_options
-def train_geep_cmd(model_dir, train_data, eval_data, out_dir, max_seq_length, depth_weights, student_weight,
+def train_geep_cmd(model_dir, train_data, eval_data, out_dir, max_seq_length, depth_weights, student_weight, pooling,
                    text_columns, label_column, header, **kw):
     """GEEP: one-step training of a shared exit classifier (teacher) and per-layer students."""
     from toolchain.data.prepare import Columns
@@ -311,7 +317,7 @@ def train_geep_cmd(model_dir, train_data, eval_data, out_dir, max_seq_length, de
                          columns=Columns.parse(text_columns, label_column, header), max_seq_length=max_seq_length,
                          max_train_examples=kw["max_train_examples"], max_eval_examples=kw["max_eval_examples"],
                          cfg=cfg, device_name=kw["device"], resume=kw["resume"], force=kw["force"],
-                         depth_weights=weights, student_weight=student_weight)
+                         depth_weights=weights, student_weight=student_weight, pooling=pooling)
     click.echo(json.dumps(metrics, indent=2))
 
 
@@ -372,17 +378,42 @@ def _check_writable(*paths: Path | None) -> None:
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None, help="folder for the PNG plots")
 @click.option("--no-torch", is_flag=True, help="skip the PyTorch eager rows")
 @click.option("--no-reference", is_flag=True, help="skip the BERT-base reference")
-def bench(bundle_dir, batch, threads, repeats, graphs, json_out, markdown_out, plots_dir, no_torch, no_reference):
+@click.option("--compare", "compare_path", type=click.Path(path_type=Path), default=None,
+              help="an earlier bench JSON: report how much every speedup ratio moved (stability check)")
+@click.option("--stability-tolerance", type=float, default=0.10, show_default=True,
+              help="with --compare: the largest relative change of a speedup ratio accepted")
+def bench(bundle_dir, batch, threads, repeats, graphs, json_out, markdown_out, plots_dir, no_torch, no_reference,
+          compare_path, stability_tolerance):
     """ORT vs PyTorch latency of every graph in a bundle, with BERT-base as the reference (Table 1)."""
-    from toolchain.bench import bench_bundle, speedup_table, write_outputs
+    from toolchain.bench import bench_bundle, compare_reports, speedup_table, write_outputs
 
     batches = _int_list(batch, "--batch")
     _check_writable(json_out, markdown_out)
+    previous = None
+    if compare_path is not None:
+        try:
+            previous = json.loads(compare_path.read_text(encoding="utf-8"))
+            previous["results"], previous["reference"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ToolchainError(f"--compare {compare_path} is not a readable bench JSON ({type(e).__name__}: {e})") from None
+        if no_reference or not previous["reference"]:
+            raise ToolchainError("--compare needs the BERT-base reference in both runs (its PyTorch row is the base)")
     report = bench_bundle(bundle_dir, batches, threads, repeats, not no_torch, not no_reference,
                           graphs.split(",") if graphs else None)
+    if previous is not None:
+        report["stability"] = {"previous": str(compare_path),
+                               **compare_reports(previous, report, stability_tolerance)}
     write_outputs(report, json_out, markdown_out, plots_dir)
     for b in batches:
         click.echo(f"batch {b}\n" + speedup_table(report, b))
+    if previous is not None:
+        st, worst = report["stability"], report["stability"]["worst"]
+        click.echo(f"stability vs {compare_path}: {st['compared']} speedup ratios, largest change "
+                   f"{100 * st['max_abs_change']:.1f}% ({worst['graph']} {worst['engine']} {worst['precision']} "
+                   f"b{worst['batch']}); {len(st['unstable'])} over {100 * stability_tolerance:g}%")
+        if st["unstable"]:
+            raise ToolchainError(f"{len(st['unstable'])} speedup ratios moved more than {100 * stability_tolerance:g}% "
+                                 "between the two runs (see 'stability' in the JSON)")
 
 
 @main.command("quantize")
@@ -479,6 +510,39 @@ def predict(bundle_dir, budget_ms, min_f1, max_macs, batch, ep, threads, questio
     for start in range(0, len(items), 64):
         for answer in predictor.predict_batch(items[start:start + 64]):
             click.echo(json.dumps(answer))
+
+
+@main.command("verify")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True, help="a QA bundle")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=None,
+              help="length-adaptive checkpoint the bundle came from (default: the manifest's source_checkpoint)")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="SQuAD dev .json[.gz] (default: packaged slice)")
+@click.option("--examples", type=int, default=200, show_default=True, help="dev questions per graph")
+@click.option("--skip", type=int, default=0, show_default=True, help="skip this many of the seeded dev permutation first")
+@click.option("--graphs", default=None, help="graphs to compare with PyTorch, comma separated (default: all)")
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="int8: allowed F1 drop vs PyTorch fp32, in points, where the manifest records none")
+@click.option("--budget-ms", type=float, default=None,
+              help="concurrency check: serve the graph selected for this budget (default: the most accurate)")
+@click.option("--requests", type=int, default=100, show_default=True, help="requests each concurrent caller sends")
+@click.option("--threads", type=int, default=8, show_default=True, help="concurrent callers")
+@click.option("--ep", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="write the full report here")
+def verify_cmd(bundle_dir, model_dir, eval_data, examples, skip, graphs, tolerance, budget_ms, requests, threads, ep,
+               json_out):
+    """Check a QA bundle's runtime: selection vs brute force, answers vs PyTorch, concurrent callers."""
+    from toolchain.runtime import Bundle
+    from toolchain.verify import summary, verify
+
+    _check_writable(json_out)
+    report = verify(Bundle.load(bundle_dir, ep), model_dir, eval_data or _default_data("squad", "dev"), examples, skip,
+                    [g for g in graphs.split(",") if g] if graphs else None, tolerance, budget_ms, requests, threads)
+    click.echo(summary(report))
+    _write_json(json_out, report)
+    if report["failed"]:
+        raise ToolchainError(f"verification failed: {', '.join(report['failed'])}"
+                             + (f" (report: {json_out})" if json_out else ""))
 
 
 @main.command("run")

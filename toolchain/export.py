@@ -241,10 +241,15 @@ def export_pareto(model_dir: str | Path, pareto_json: str | Path, out_dir: str |
 
     The search's report-split accuracy of each configuration (measured in PyTorch, which the graphs
     match) becomes the graph's `metrics`, and the manifest's `chosen` names the search's chosen graph.
+    The graphs are exported at the sequence length the search ran at.
     """
     configs = read_pareto(pareto_json)
-    out = export(model_dir, out_dir, [None, *configs], max_seq_length, force, optimize)
     pareto = json.loads(Path(pareto_json).read_text(encoding="utf-8"))
+    searched = pareto.get("max_seq_length")
+    if max_seq_length and searched and max_seq_length != searched:
+        raise ToolchainError(f"{pareto_json} was searched at max_seq_length {searched}; "
+                             f"its configurations cannot be exported at {max_seq_length}")
+    out = export(model_dir, out_dir, [None, *configs], max_seq_length or searched, force, optimize)
     points = {graph_name(None): pareto.get("full")}
     points.update({graph_name(tuple(p["length_config"])): p for p in pareto["frontier"] if p["length_config"]})
 

@@ -1,8 +1,11 @@
 """GEEP early exit (Li et al., 2024): one classifier shared by every depth, trained in one step.
 
 `GeepModel` reuses the embeddings and `BertLayer`s of a Hugging Face BERT-family encoder and adds
- * a *teacher*: one FastBERT-style head (Linear(H, 128) -> tanh -> Linear(128, C) on the [CLS] state)
-   shared by all depths, so the encoder can be truncated at any layer and still classify;
+ * a *teacher*: one FastBERT-style head (pooling -> Linear(H, 128) -> tanh -> Linear(128, C)) shared
+   by all depths, so the encoder can be truncated at any layer and still classify. Pooling is the
+   masked mean of the token states by default: in sentence-embedding checkpoints such as
+   all-MiniLM-L6-v2 the early layers' [CLS] state barely varies across inputs (std ~1e-3 after
+   layers 1-3), so a [CLS] head there stays at chance; `cls` pooling is kept as an option;
  * per-layer *students* of the same shape, distilled from the full-depth teacher. They only profile
    exits (FastBERT's entropy rule gives each training sample its exit label) and run the FastBERT baseline.
 
@@ -34,23 +37,37 @@ HEADS_FILE = "geep_heads.safetensors"
 HEAD_HIDDEN = 128
 
 
-class ExitClassifier(nn.Module):
-    """FastBERT-style head on the [CLS] state: dropout -> Linear(H, 128) -> tanh -> Linear(128, C)."""
+POOLINGS = ("mean", "cls")
 
-    def __init__(self, hidden_size: int, num_labels: int, head_hidden: int = HEAD_HIDDEN, dropout: float = 0.1) -> None:
+
+class ExitClassifier(nn.Module):
+    """FastBERT-style head: pool (masked mean or [CLS]) -> dropout -> Linear(H, 128) -> tanh -> Linear(128, C)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, head_hidden: int = HEAD_HIDDEN, dropout: float = 0.1,
+                 pooling: str = "mean") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ToolchainError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(hidden_size, head_hidden)
         self.out = nn.Linear(head_hidden, num_labels)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.dense(self.dropout(hidden[:, 0]))))
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] from states [B, S, H] and the [B, S] mask (1/True = real token)."""
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return self.out(torch.tanh(self.dense(self.dropout(pooled))))
 
 
 class GeepModel(nn.Module):
     """A BERT-family encoder with a shared exit classifier (teacher) and per-layer students."""
 
-    def __init__(self, hf_model: nn.Module, num_labels: int | None = None, head_hidden: int = HEAD_HIDDEN) -> None:
+    def __init__(self, hf_model: nn.Module, num_labels: int | None = None, head_hidden: int = HEAD_HIDDEN,
+                 pooling: str = "mean") -> None:
         super().__init__()
         encoder = hf_model.base_model  # BertModel itself, or the `.bert` of a *ForSequenceClassification
         if not (hasattr(encoder, "embeddings") and hasattr(encoder, "encoder")):
@@ -64,9 +81,10 @@ class GeepModel(nn.Module):
         dropout = getattr(config, "classifier_dropout", None) or config.hidden_dropout_prob
         self.encoder = encoder
         self.head_hidden = head_hidden
-        self.teacher = ExitClassifier(config.hidden_size, num_labels, head_hidden, dropout)
+        self.pooling = pooling
+        self.teacher = ExitClassifier(config.hidden_size, num_labels, head_hidden, dropout, pooling)
         self.students = nn.ModuleList(
-            ExitClassifier(config.hidden_size, num_labels, head_hidden, dropout) for _ in range(self.num_layers))
+            ExitClassifier(config.hidden_size, num_labels, head_hidden, dropout, pooling) for _ in range(self.num_layers))
 
     @property
     def config(self):
@@ -116,18 +134,19 @@ class GeepModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 depth: int | None = None) -> torch.Tensor:
         """Teacher logits [B, C] after `depth` layers (default: all)."""
-        return self.teacher(self.hidden_states(input_ids, attention_mask, token_type_ids, depth)[-1])
+        return self.teacher(self.hidden_states(input_ids, attention_mask, token_type_ids, depth)[-1], attention_mask)
 
     def all_depth_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher logits at every depth, [num_layers, B, C], from one pass."""
-        return torch.stack([self.teacher(h) for h in self.hidden_states(input_ids, attention_mask, token_type_ids)])
+        states = self.hidden_states(input_ids, attention_mask, token_type_ids)
+        return torch.stack([self.teacher(h, attention_mask) for h in states])
 
     def student_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Student i's logits on layer i's output, [num_layers, B, C]."""
         states = self.hidden_states(input_ids, attention_mask, token_type_ids)
-        return torch.stack([student(h) for student, h in zip(self.students, states)])
+        return torch.stack([student(h, attention_mask) for student, h in zip(self.students, states)])
 
     def save_pretrained(self, path: str | Path, safe_serialization: bool = True) -> None:
         """The encoder as a plain HF folder plus the heads in `geep_heads.safetensors` (for `save_checkpoint`)."""
@@ -174,12 +193,13 @@ def shared_exit_loss(model: GeepModel, batch: dict[str, torch.Tensor], weights: 
     h_d, so (as in FastBERT's self-distillation) the students never move the encoder or the teacher.
     """
     states = model.hidden_states(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-    teacher = torch.stack([model.teacher(h) for h in states])  # [L, B, C]
+    mask = batch["attention_mask"]
+    teacher = torch.stack([model.teacher(h, mask) for h in states])  # [L, B, C]
     w = depth_loss_weights(model.num_layers, weights).to(teacher.device)
     labels = batch["labels"]
     ce = torch.stack([F.cross_entropy(logits.float(), labels) for logits in teacher])
     target = teacher[-1].detach().float().softmax(-1)
-    kl = torch.stack([F.kl_div(student(h.detach()).float().log_softmax(-1), target, reduction="batchmean")
+    kl = torch.stack([F.kl_div(student(h.detach(), mask).float().log_softmax(-1), target, reduction="batchmean")
                       for student, h in zip(model.students, states)])
     return (w * ce).sum() + student_weight * kl.mean()
 
@@ -218,8 +238,9 @@ def depth_logits(model: GeepModel, inputs: dict[str, np.ndarray], batch_size: in
         for b in range(0, n, batch_size):
             batch = to_device({k: inputs[k][b:b + batch_size] for k in keys}, torch.device(device))
             states = model.hidden_states(**batch)
-            teachers.append(torch.stack([model.teacher(h) for h in states]).float().cpu().numpy())
-            students.append(torch.stack([s(h) for s, h in zip(model.students, states)]).float().cpu().numpy())
+            mask = batch["attention_mask"]
+            teachers.append(torch.stack([model.teacher(h, mask) for h in states]).float().cpu().numpy())
+            students.append(torch.stack([s(h, mask) for s, h in zip(model.students, states)]).float().cpu().numpy())
     return np.concatenate(teachers, axis=1), np.concatenate(students, axis=1)
 
 
@@ -246,7 +267,7 @@ def train_geep(*, model_dir: Path | None, train_path: Path, eval_path: Path, out
                columns: prepare.Columns, max_seq_length: int, max_train_examples: int | None,
                max_eval_examples: int | None, cfg: TrainConfig, device_name: str, resume: bool = False,
                force: bool = False, depth_weights: Sequence[float] | None = None,
-               student_weight: float = 1.0) -> dict:
+               student_weight: float = 1.0, pooling: str = "mean") -> dict:
     """Train a GEEP classifier with the shared exit loss, save it atomically, and return dev metrics."""
     cfg.validate()
     for name, value in (("max-train-examples", max_train_examples), ("max-eval-examples", max_eval_examples)):
@@ -260,7 +281,7 @@ def train_geep(*, model_dir: Path | None, train_path: Path, eval_path: Path, out
 
     t0 = time.time()
     labels, data = prepare.classify_split(train_path, tokenizer, max_seq_length, None, columns, max_train_examples, cfg.seed)
-    model = GeepModel(load_model(model_dir, "classify", labels))
+    model = GeepModel(load_model(model_dir, "classify", labels), pooling=pooling)
     loss_fn = partial(shared_exit_loss, weights=depth_weights, student_weight=student_weight)
     depth_loss_weights(model.num_layers, depth_weights)  # bad weights fail now, not inside the loop
     losses = train(model, data, loss_fn, cfg, device, partial_dir, resume, desc="train-geep")
@@ -270,7 +291,7 @@ def train_geep(*, model_dir: Path | None, train_path: Path, eval_path: Path, out
     by_depth = depth_accuracy(model, dev, device=device)
     meta = {
         "task": "classify", "geep": True, "labels": labels, "num_layers": model.num_layers,
-        "head_hidden": model.head_hidden, "max_seq_length": max_seq_length, "columns": asdict(columns),
+        "head_hidden": model.head_hidden, "pooling": pooling, "max_seq_length": max_seq_length, "columns": asdict(columns),
         "depth_weights": None if depth_weights is None else list(depth_weights), "student_weight": student_weight,
         "base_model": str(model_dir or default_model_dir()), "train_data": str(train_path),
         "train_examples": max_train_examples, "train_rows": len(data["input_ids"]), "train": asdict(cfg),
@@ -301,7 +322,7 @@ def load_geep(checkpoint_dir: str | Path) -> tuple[GeepModel, object, dict]:
     transformers.logging.set_verbosity_error()
     try:
         encoder = AutoModel.from_pretrained(checkpoint_dir)
-        model = GeepModel(encoder, len(meta["labels"]), meta.get("head_hidden", HEAD_HIDDEN))
+        model = GeepModel(encoder, len(meta["labels"]), meta.get("head_hidden", HEAD_HIDDEN), meta.get("pooling", "cls"))
         missing, unexpected = model.load_state_dict(load_file(str(heads)), strict=False)
     except Exception as e:
         raise ToolchainError(f"cannot load GEEP model from {checkpoint_dir}: {type(e).__name__}: {e}") from None

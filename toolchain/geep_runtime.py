@@ -98,7 +98,7 @@ class LayerStepper:
     def step(self, i: int, hidden, mask):
         hidden = self.model.run_layer(i, hidden, mask)
         head = self.model.teacher if i == self.num_layers - 1 else self.model.students[i]
-        return hidden, head(hidden).float().cpu().numpy()
+        return hidden, head(hidden, mask[:, 0, 0] == 0).float().cpu().numpy()
 
     @staticmethod
     def select(x, keep: np.ndarray):
@@ -123,7 +123,7 @@ class _LayerGraph(nn.Module):
     def forward(self, hidden, mask):
         hidden = self.model.run_layer(self.i, hidden, mask)
         head = self.model.teacher if self.i == self.model.num_layers - 1 else self.model.students[self.i]
-        return hidden, head(hidden)
+        return hidden, head(hidden, mask[:, 0, 0] == 0)
 
 
 class OrtLayerStepper(LayerStepper):

@@ -129,11 +129,13 @@ def score_of(metrics: dict) -> float:
 
 def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: int, report_examples: int,
            cfg: SearchConfig, device_name: str, choose_tolerance: float = 1.0, batch_size: int = 64,
-           resume: bool = False, force: bool = False, target_macs_ratio: float | None = None) -> dict:
+           resume: bool = False, force: bool = False, target_macs_ratio: float | None = None,
+           max_seq_length: int | None = None) -> dict:
     """Run the evolutionary search; write pareto.json, pareto.png and the evaluation cache into `out_dir`.
 
     Work happens in a hidden `.NAME.partial` folder beside `out_dir` (the resumable cache), renamed
-    to `out_dir` when the search is complete.
+    to `out_dir` when the search is complete. `max_seq_length` (default: the checkpoint's) is the
+    sequence length the configurations are searched, costed and later exported at.
     """
     cfg.validate()
     partial = check_output(out_dir, force, resume)
@@ -142,11 +144,14 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     device = resolve_device(device_name)
     model, tokenizer, meta = load_length_adaptive(model_dir, require_lat=True)
     model.to(device).eval()
-    task, seq, layers = meta["task"], meta["max_seq_length"], model.num_layers
+    task, layers = meta["task"], model.num_layers
+    seq = max_seq_length or meta["max_seq_length"]
+    if not 1 <= seq <= model.config.max_position_embeddings:
+        raise ToolchainError(f"max_seq_length must be in 1..{model.config.max_position_embeddings}, got {seq}")
     head = "qa" if task == "squad" else "classify"
     num_labels = len(meta["labels"] or [None, None])
 
-    search_split, report_split = _splits(eval_path, tokenizer, meta, search_examples, report_examples)
+    search_split, report_split = _splits(eval_path, tokenizer, meta, seq, search_examples, report_examples)
     partial.mkdir(parents=True, exist_ok=True)
     scorer = Scorer(model, task, search_split, device, partial / "search-cache.jsonl", batch_size)
     full_macs = count_macs(model.config, None, seq, head, num_labels)
@@ -226,9 +231,9 @@ def choose(frontier: list[dict], full_score: float, tolerance: float = 1.0,
     return min(ok, key=lambda p: p["macs"]) if ok else None
 
 
-def _splits(eval_path: Path, tokenizer, meta: dict, n_search: int, n_report: int):
+def _splits(eval_path: Path, tokenizer, meta: dict, seq: int, n_search: int, n_report: int):
     """Disjoint search and report splits: one seeded permutation of the dev set, then [0, s) and [s, s + r)."""
-    seq, stride = meta["max_seq_length"], meta.get("doc_stride", 128)
+    stride = meta.get("doc_stride", 128)
     if meta["task"] == "squad":
         return [prepare.squad_split(eval_path, tokenizer, seq, stride, n, skip=skip)
                 for n, skip in ((n_search, 0), (n_report, n_search))]
