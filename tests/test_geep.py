@@ -208,7 +208,9 @@ def test_exit_table_tune_save_load(tmp_path):
         ExitTable.load(tmp_path / "missing.npz")
 
 
-@pytest.mark.parametrize("aggregation,shift", [("mean", 0.0), ("max", 0.0), ("mean", 0.5), ("max", -1.0)])
+@pytest.mark.parametrize("aggregation,shift", [("mean", 0.0), ("max", 0.0), ("mean", 0.5), ("max", -1.0),
+                                               ("quantile:0.5", 0.0), ("quantile:0.9", -0.5), ("quantile:0", 0.0),
+                                               ("quantile:1", 0.5), ("quantile:0.75", 1.0)])
 def test_predictor_onnx_matches_table(tmp_path, aggregation, shift):
     table = hand_table(aggregation=aggregation, shift=shift)
     path = export_predictor_onnx(table, tmp_path / "predictor.onnx")
@@ -222,14 +224,6 @@ def test_predictor_onnx_matches_table(tmp_path, aggregation, shift):
         got = predict({"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)})
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, table.predict(ids, mask))
-
-
-def test_predictor_onnx_quantile_falls_back_to_mean(tmp_path):
-    table = hand_table(aggregation="quantile:0.9")
-    with pytest.warns(UserWarning, match="exported as 'mean'"):
-        path = export_predictor_onnx(table, tmp_path / "q.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    np.testing.assert_array_equal(session.run(None, {"input_ids": QUERIES, "attention_mask": QUERY_MASK})[0], MEAN)
 
 
 # --- runtime ---

@@ -17,7 +17,6 @@ Arithmetic is float32, and "half up" means floor(x + 0.5 + 1e-4), so that the ON
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -196,17 +195,15 @@ def export_predictor_onnx(table: ExitTable, path: str | Path) -> Path:
     """The table's `predict` as a small standard-domain ONNX graph (opset 17).
 
     inputs input_ids, attention_mask: int64 [batch, sequence]; output exit_layer: int64 [batch].
-    Gather per-token expected exits and weights -> masked mean or max over the sequence -> default where
-    no token counts -> + shift -> round half up (Floor) -> Clip to [1, L] -> Cast int64. A quantile has no
-    cheap ONNX form: the graph then uses the mean (with a warning).
+    Gather per-token expected exits and weights -> masked mean, max or quantile over the sequence -> default
+    where no token counts -> + shift -> round half up (Floor) -> Clip to [1, L] -> Cast int64. A quantile sorts
+    the counted values ascending (TopK over the whole sequence, uncounted tokens as +inf at the end) and
+    interpolates linearly between the two values around position q * (n - 1), as numpy does.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    kind, _ = parse_aggregation(table.aggregation)
-    if kind == "quantile":
-        warnings.warn(f"exit aggregation {table.aggregation} is exported as 'mean' (no quantile in the ONNX graph)")
-        kind = "mean"
+    kind, q = parse_aggregation(table.aggregation)
 
     def const(name: str, value) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(value), name)
@@ -216,7 +213,8 @@ def export_predictor_onnx(table: ExitTable, path: str | Path) -> Path:
         const("token_exits", table.token_exits()), const("token_weights", table.token_weights()),
         const("axes", np.array([1], np.int64)), const("zero", f32(0)), const("default", f32(table.default)),
         const("shift", f32(table.shift + HALF_UP)), const("min_layer", f32(1)), const("max_layer", f32(table.num_layers)),
-        const("eps", f32(1e-9)) if kind == "mean" else const("neg_inf", f32(-np.inf)),
+        const("eps", f32(1e-9)), const("neg_inf", f32(-np.inf)), const("pos_inf", f32(np.inf)),
+        const("one", f32(1)), const("q", f32(q or 0.0)),
     ]
     nodes = [
         helper.make_node("Gather", ["token_exits", "input_ids"], ["values"]),
@@ -233,11 +231,36 @@ def export_predictor_onnx(table: ExitTable, path: str | Path) -> Path:
             helper.make_node("Max", ["count", "eps"], ["safe_count"]),
             helper.make_node("Div", ["total", "safe_count"], ["agg"]),
         ]
-    else:
+    elif kind == "max":
         nodes += [
             helper.make_node("Greater", ["w", "zero"], ["counted"]),
             helper.make_node("Where", ["counted", "values", "neg_inf"], ["masked"]),
             helper.make_node("ReduceMax", ["masked"], ["agg"], axes=[1], keepdims=0),  # an attribute up to opset 17
+        ]
+    else:  # quantile: sorted[lo] + frac * (sorted[hi] - sorted[lo]), pos = q * (n - 1), lo = floor(pos)
+        nodes += [
+            helper.make_node("Greater", ["w", "zero"], ["counted"]),
+            helper.make_node("Where", ["counted", "values", "pos_inf"], ["masked"]),
+            helper.make_node("Shape", ["input_ids"], ["seq_len"], start=1, end=2),
+            helper.make_node("TopK", ["masked", "seq_len"], ["sorted", "_order"], axis=1, largest=0, sorted=1),
+            helper.make_node("Sub", ["count", "one"], ["last"]),
+            helper.make_node("Max", ["last", "zero"], ["last_safe"]),
+            helper.make_node("Mul", ["last_safe", "q"], ["pos"]),
+            helper.make_node("Floor", ["pos"], ["lo_f"]),
+            helper.make_node("Sub", ["pos", "lo_f"], ["frac"]),
+            helper.make_node("Add", ["lo_f", "one"], ["lo_next"]),
+            helper.make_node("Min", ["lo_next", "last_safe"], ["hi_f"]),
+            helper.make_node("Unsqueeze", ["lo_f", "axes"], ["lo_col"]),
+            helper.make_node("Unsqueeze", ["hi_f", "axes"], ["hi_col"]),
+            helper.make_node("Cast", ["lo_col"], ["lo_idx"], to=TensorProto.INT64),
+            helper.make_node("Cast", ["hi_col"], ["hi_idx"], to=TensorProto.INT64),
+            helper.make_node("GatherElements", ["sorted", "lo_idx"], ["v_lo_col"], axis=1),
+            helper.make_node("GatherElements", ["sorted", "hi_idx"], ["v_hi_col"], axis=1),
+            helper.make_node("Squeeze", ["v_lo_col", "axes"], ["v_lo"]),
+            helper.make_node("Squeeze", ["v_hi_col", "axes"], ["v_hi"]),
+            helper.make_node("Sub", ["v_hi", "v_lo"], ["span"]),
+            helper.make_node("Mul", ["span", "frac"], ["step"]),
+            helper.make_node("Add", ["v_lo", "step"], ["agg"]),
         ]
     nodes += [
         helper.make_node("Where", ["has_tokens", "agg", "default"], ["sample_exit"]),
