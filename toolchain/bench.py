@@ -48,7 +48,10 @@ def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = 
     """An ORT session with fixed intra-op threads (default: all cores), sequential execution.
 
     Spinning worker threads are off by default: on a machine shared with other work they cost far more
-    than they save (measured here: MiniLM fp32 at 384, 135-176 ms spinning vs 52 ms not).
+    than they save (measured here: MiniLM fp32 at 384, 135-176 ms spinning vs 52 ms not). On the CPU EP the
+    SkipLayerNormalization fusion is off: in the INT8 graphs it replaces Add + LayerNormalization by a
+    kernel that is slower on this CPU (ORT 1.31, lat-full INT8 at 256, batch 1, one thread, 25 interleaved
+    runs: 28.7 ms fused vs 23.7 ms not; the fp32 graphs do not get fused and are unchanged).
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cpu_info()["cores"]
@@ -59,7 +62,9 @@ def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = 
     providers = ["CPUExecutionProvider"]
     if ep == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path) if isinstance(path, Path) else path, opts, providers=providers)
+    disabled = ["SkipLayerNormFusion"] if providers[0] == "CPUExecutionProvider" else []
+    return ort.InferenceSession(str(path) if isinstance(path, Path) else path, opts, providers=providers,
+                                disabled_optimizers=disabled)
 
 
 def real_inputs(bundle_dir: Path, meta: dict, seq: int, batch: int) -> dict[str, np.ndarray]:
