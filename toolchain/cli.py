@@ -351,6 +351,36 @@ def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_tra
     click.echo(json.dumps(report["summary"], indent=2))
 
 
+@main.command("export-geep")
+@click.option("--model", "checkpoint_dir", type=click.Path(path_type=Path), required=True, help="GEEP checkpoint")
+@click.option("--speed", type=float, required=True,
+              help="entropy threshold in [0, 1] of the FastBERT exits the exit table is fit on (as in bench-geep)")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="bundle folder, e.g. graphs/NAME")
+@click.option("--train-data", type=click.Path(path_type=Path), default=None,
+              help="builds the exit table (default: SST-2 slice)")
+@click.option("--eval-data", type=click.Path(path_type=Path), default=None,
+              help="parity rows and manifest metrics (default: SST-2 slice)")
+@click.option("--max-train-examples", type=POSITIVE, default=None)
+@click.option("--max-eval-examples", type=POSITIVE, default=None)
+@click.option("--aggregation", default="auto", show_default=True, help="auto | mean | max | quantile:Q")
+@click.option("--force", is_flag=True, help="replace an existing bundle")
+def export_geep_cmd(checkpoint_dir, speed, out_dir, train_data, eval_data, max_train_examples, max_eval_examples,
+                    aggregation, force):
+    """Export a GEEP checkpoint's per-depth graphs and exit predictor into a verified bundle."""
+    from toolchain.bundle import load_manifest
+    from toolchain.geep_export import export_geep_bundle
+
+    out = export_geep_bundle(checkpoint_dir, train_data or _default_data("classify", "train"),
+                             eval_data or _default_data("classify", "dev"), out_dir, speed, max_train_examples,
+                             max_eval_examples, aggregation, force)
+    for g in load_manifest(out, verify=False)["graphs"]:
+        m = g["metrics"]
+        click.echo(f"{g['name']}\t{g['macs'] / 1e9:.3f} GMACs\taccuracy {m['accuracy']:.2f}" + (
+            f"\texit accuracy {m['exact']:.1f} (within 1: {m['within_1']:.1f}), mean exit {m['mean_exit']:.2f}"
+            if g["kind"] == "geep-predictor" else ""))
+    click.echo(out)
+
+
 def _int_list(text: str, name: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -490,11 +520,16 @@ def select_cmd(bundle_dir, budget_ms, min_f1, max_macs, batch, ep, threads, as_j
 @click.option("--requests", "requests_path", type=click.Path(path_type=Path), default=None,
               help='JSON Lines (UTF-8): {"question", "context"} per line; classification: {"text"[, "text_pair"]}')
 def predict(bundle_dir, budget_ms, min_f1, max_macs, batch, ep, threads, question, context, requests_path):
-    """Answer with the graph selected for the budget: one JSON object per request and line on stdout."""
-    from toolchain.runtime import PREDICTORS, Bundle, QAPredictor, read_requests
+    """Answer with the graph selected for the budget: one JSON object per request and line on stdout.
+
+    GEEP bundles (export-geep) answer each request at its predicted exit depth; they take no budget."""
+    from toolchain.runtime import PREDICTORS, Bundle, GeepPredictor, QAPredictor, is_geep, read_requests
 
     bundle = Bundle.load(bundle_dir, ep, threads=threads)
-    cls = PREDICTORS[bundle.task]
+    geep = is_geep(bundle)
+    if geep and (budget_ms, min_f1, max_macs) != (None, None, None):
+        raise ToolchainError(f"{bundle_dir} is a GEEP bundle: each request's depth is predicted, it takes no budget")
+    cls = GeepPredictor if geep else PREDICTORS[bundle.task]
     if requests_path is not None:
         if question is not None or context is not None:
             raise ToolchainError("give --question/--context or --requests, not both")
@@ -505,8 +540,13 @@ def predict(bundle_dir, budget_ms, min_f1, max_macs, batch, ep, threads, questio
         raise ToolchainError("give --question and --context, or --requests FILE.jsonl")
     else:
         items = [(question, context)]
-    predictor = cls(bundle, budget_ms, min_f1, max_macs, batch)
-    _report(predictor.selection)
+    if geep:
+        predictor = GeepPredictor(bundle, batch)
+        for note in predictor.notes:
+            click.echo(f"note: {note}", err=True)
+    else:
+        predictor = cls(bundle, budget_ms, min_f1, max_macs, batch)
+        _report(predictor.selection)
     for start in range(0, len(items), 64):
         for answer in predictor.predict_batch(items[start:start + 64]):
             click.echo(json.dumps(answer))

@@ -4,7 +4,8 @@ A *depth runner* `run_at_depth(depth, inputs) -> logits [B, C]` hides the backen
 (`torch_depth_runner`) or one ONNX Runtime session per depth (`ort_depth_runner`, graphs from
 `export_depth_graphs`). An *exit predictor* maps inputs to 1-based depths [N] (`ExitTable.predict` or the
 predictor's ONNX graph, `ort_exit_predictor`). Baselines: the full-depth model, and FastBERT's layer-by-layer
-dynamic exit with a shrinking batch. `bench_geep` scores and times all three on a dev set.
+dynamic exit with a shrinking batch. `bench_geep` scores and times all three on a dev set. `profile_exits` (an
+`ExitProfile`: checkpoint, splits, students' logits) is where both `sweep_geep` and `export-geep` fit exit tables.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -281,6 +283,49 @@ def _fit_table(train: Inputs, exits: np.ndarray, num_layers: int, vocab: int, sp
     return table.fit(ids, mask, exits, specials), tuned
 
 
+def check_aggregation(aggregation: str) -> str:
+    """'auto' (tune on held-out training samples) or an `ExitTable` aggregation."""
+    if aggregation != "auto":
+        parse_aggregation(aggregation)
+    return aggregation
+
+
+@dataclass(frozen=True)
+class ExitProfile:
+    """A GEEP checkpoint, its tokenized train/dev splits (dev with labels) and the students' logits at every
+    depth on both ([L, N, C]): what exit labels, exit tables and their dev exit accuracy are built from."""
+
+    model: GeepModel
+    tokenizer: object
+    meta: dict
+    seq: int
+    train: Inputs
+    dev: Inputs
+    train_students: np.ndarray
+    dev_students: np.ndarray
+
+    def fit_table(self, speed: float, aggregation: str) -> tuple[ExitTable, dict | None]:
+        """The exit table fit on the training samples' FastBERT exits at `speed` (and the tuning result for 'auto')."""
+        return _fit_table(self.train, exit_layers(self.train_students, speed), self.model.num_layers,
+                          len(self.tokenizer), self.tokenizer.all_special_ids, aggregation)
+
+    def dev_exits(self, speed: float) -> np.ndarray:
+        """The dev samples' FastBERT exits at `speed`: what the predictor's exit accuracy is scored against."""
+        return exit_layers(self.dev_students, speed)
+
+
+def profile_exits(checkpoint_dir: Path, train_path: Path, eval_path: Path, max_train_examples: int | None,
+                  max_eval_examples: int | None, device: torch.device | str = "cpu") -> ExitProfile:
+    """Load a GEEP checkpoint, tokenize both splits at its max_seq_length and run its students on them."""
+    model, tokenizer, meta = load_geep(checkpoint_dir)
+    columns = prepare.Columns.from_meta(meta)
+    seq = meta.get("max_seq_length", 128)
+    _, train = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples)
+    _, dev = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
+    return ExitProfile(model, tokenizer, meta, seq, train, dev, depth_logits(model, train, 64, device)[1],
+                       depth_logits(model, dev, 64, device)[1])
+
+
 def _median_time(fn: Callable[[], T], repeats: int = 3) -> tuple[T, float]:
     """(result, median seconds) over `repeats` runs after one warm-up run."""
     out = fn()
@@ -307,16 +352,10 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
         _check_batch_size(b)
     if backend not in ("torch", "ort"):
         raise ToolchainError(f"unknown backend {backend!r}; choose torch or ort")
-    if aggregation != "auto":
-        parse_aggregation(aggregation)
+    check_aggregation(aggregation)
     device = resolve_device(device_name)
-    model, tokenizer, meta = load_geep(checkpoint_dir)
-    columns = prepare.Columns.from_meta(meta)
-    seq = meta.get("max_seq_length", 128)
-    _, train = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples)
-    _, dev = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
-    train_students = depth_logits(model, train, 64, device)[1]
-    dev_students = depth_logits(model, dev, 64, device)[1]
+    profile = profile_exits(checkpoint_dir, train_path, eval_path, max_train_examples, max_eval_examples, device)
+    model, dev = profile.model, profile.dev
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L, labels = model.num_layers, dev["labels"]
@@ -331,11 +370,10 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
         logits, t = _median_time(lambda: full_depth_predict(inputs, run_at_depth, L, batch), repeats)
         rows.append({"method": "full", "speed": None, "batch": batch, **_scores(logits, np.full(len(labels), L), labels, t)})
     for speed in speeds:
-        table, tuned = _fit_table(train, exit_layers(train_students, speed), L, len(tokenizer),
-                                  tokenizer.all_special_ids, aggregation)
+        table, tuned = profile.fit_table(speed, aggregation)
         table.save(out_dir / f"exit_table-speed{speed}.npz")
         predictor = ort_exit_predictor(ort_session(export_predictor_onnx(table, out_dir / f"exit_predictor-speed{speed}.onnx")))
-        dev_exits = exit_layers(dev_students, speed)
+        dev_exits = profile.dev_exits(speed)
         for batch in batches:
             (g_logits, g_depths), t = _median_time(lambda: bucketed_predict(inputs, predictor, run_at_depth, batch), repeats)
             rows.append({"method": "geep", "speed": speed, "batch": batch, **_scores(g_logits, g_depths, labels, t),

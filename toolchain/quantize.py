@@ -1,5 +1,8 @@
 """`toolchain quantize`: accuracy-aware static INT8 of a bundle's fp32 graphs with Intel Neural Compressor.
 
+Length-adaptive (``lat``) graphs and a GEEP bundle's per-depth (``geep-exit``) graphs are quantized; an INT8 graph
+keeps its parent's kind, length configuration and depth.
+
 Each selected graph is preprocessed as ONNX Runtime recommends (``quant_pre_process``: symbolic shape inference,
 basic graph optimization, ONNX shape inference) and calibrated (MinMax) on train-split features built by the
 bundle's own pipeline at the graph's ``max_seq_length``. A length-adaptive graph has its TopK token selection baked
@@ -65,6 +68,7 @@ FALLBACK = ("ffn-out", "qkv", "ffn-in", "attention-out", "head", "embeddings")
 NORMS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
          "SkipSimplifiedLayerNormalization")
 
+QUANTIZABLE = ("lat", "geep-exit")  # graph kinds; a GEEP bundle's predictor graph (table lookups) is not quantized
 Evaluator = Callable[[Runner], dict]
 
 
@@ -158,11 +162,12 @@ def _tokenizer(bundle_dir: Path):
 
 
 def _select(manifest: dict, bundle_dir: Path, graphs: list[str] | None, ep: str) -> list[dict]:
-    """The fp32 ``lat`` graphs to quantize (all of them by default), refusing names whose INT8 graph exists.
+    """The fp32 ``lat`` and ``geep-exit`` graphs to quantize (all of them by default), refusing names whose INT8
+    graph exists.
 
     The name ``chosen`` stands for the graph the search chose (the manifest's ``chosen``, set by export --pareto).
     """
-    fp32 = {g["name"]: g for g in manifest["graphs"] if g["precision"] == "fp32" and g["kind"] == "lat"}
+    fp32 = {g["name"]: g for g in manifest["graphs"] if g["precision"] == "fp32" and g["kind"] in QUANTIZABLE}
     if graphs and "chosen" in graphs:
         if not manifest.get("chosen"):
             raise ToolchainError(f"bundle {bundle_dir} has no chosen graph (export it with --pareto from a search "
@@ -199,7 +204,9 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
     src, dst = fp32_path.resolve(), pre.resolve()  # before the chdir below
     try:
         with contextlib.chdir(work.resolve()):  # its shape inference may drop temporary external-data files in the cwd
-            quant_pre_process(src, dst)
+            # GEEP graphs take any sequence length: the position-id slice's Min(max positions, sequence) must be
+            # merged with the sequence axis (auto_merge), or symbolic shape inference stops there
+            quant_pre_process(src, dst, auto_merge=entry["kind"] == "geep-exit")
     except Exception as e:  # symbolic shape inference cannot see through ONNX Runtime contrib ops
         raise ToolchainError(f"cannot prepare {name} for quantization ({type(e).__name__}: {e}); graphs with ONNX "
                              "Runtime contrib ops (export --optimize ort-extended or fusion) do not quantize: "
@@ -254,8 +261,8 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
         "trials": [{"fp32_units": t["fp32_units"], metric: t["metrics"][metric]} for t in trials],
         "size_ratio": round(out.stat().st_size / fp32_path.stat().st_size, 4), "seconds": round(seconds, 1),
     }
-    new = {key: entry[key] for key in ("kind", "length_config", "max_seq_length", "macs", "opset", "inputs", "outputs")
-           if key in entry}
+    new = {key: entry[key] for key in ("kind", "depth", "length_config", "max_seq_length", "macs", "opset", "inputs",
+                                       "outputs") if key in entry}
     new.update(name=int8_name(name, ep), file=f"{int8_name(name, ep)}.onnx", precision="int8", format=fmt, ep=ep,
                metrics={**accepted["metrics"], "fp32": fp32}, latency_ms={}, parent=name,
                optimization={"method": "quantize-static", "parent_method": entry["optimization"].get("method")},

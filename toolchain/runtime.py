@@ -5,7 +5,7 @@ provider is CUDA only when ``ep="cuda"`` or ``ep="auto"`` and CUDA really works 
 the CPU, with a note saying why CUDA is not used. On the CPU, INT8 graphs (U8S8, ``format`` qoperator or qdq,
 ``ep`` cpu) are kept only when the CPU has VNNI or AMX: without an int8 dot product U8S8 GEMMs can saturate and
 are slow, so only fp32 graphs remain. On CUDA the candidates are the ``ep`` cuda INT8 graphs (S8S8 QDQ) and the
-fp32 graphs. GEEP graphs are not served here.
+fp32 graphs. GEEP bundles are served by ``GeepPredictor`` (per-request exit depth, no selection policy).
 
 The *policy* then ranks the survivors (at most one of the three may be given):
 
@@ -44,6 +44,7 @@ from toolchain.bundle import EPS, _write_json_atomic, graph_path, latency_key, l
 from toolchain.data import prepare
 from toolchain.data.squad import SquadExample, build_features, postprocess
 from toolchain.errors import ToolchainError
+from toolchain.geep_runtime import INPUT_NAMES, bucketed_predict, ort_depth_runner, ort_exit_predictor
 from toolchain.hardware import cpu_info, cuda_usable, has_int8_dot_product
 from toolchain.models import check_task, read_meta
 
@@ -88,10 +89,12 @@ class Hardware:
             raise ToolchainError(f"the CUDA execution provider is not usable: {why}")
         return "cpu", [f"CUDA not used: {why}; running on the CPU"]
 
-    def unusable(self, entry: Mapping, ep: str) -> str | None:
-        """Why ``entry`` is not a candidate on ``ep`` here, or None."""
-        if entry["kind"] != "lat":
-            return f"{entry['kind']} graphs are served by the GEEP runtime, not this selector"
+    def unusable(self, entry: Mapping, ep: str, kind: str = "lat") -> str | None:
+        """Why ``entry`` is not a candidate on ``ep`` here, or None; only graphs of ``kind`` are candidates
+        (``lat`` for the selector, ``geep-exit`` for ``GeepPredictor``)."""
+        if entry["kind"] != kind:
+            return (f"{entry['kind']} graphs are served by the GEEP runtime, not this selector" if kind == "lat"
+                    else f"not a {kind} graph")
         if entry["precision"] != "int8":
             return None
         if entry["ep"] != ep:
@@ -407,6 +410,25 @@ class QAPredictor(_Predictor):
                  "end": p["end"], "graph": self.entry["name"]} for p in (preds[ex.id] for ex in examples)]
 
 
+def _encode_texts(bundle: Bundle, items: Sequence[str | tuple[str, str | None]], seq: int,
+                  names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Texts or (text, text_pair) items as int64 arrays ``names`` padded to ``seq`` tokens; empty texts are refused."""
+    pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
+    pairs = [(_text(t, "text", f"request {i}"), None if p is None else _text(p, "text_pair", f"request {i}"))
+             for i, (t, p) in enumerate(pairs)]
+    with bundle.lock:
+        enc = [bundle.tokenizer(t, p, truncation=True, max_length=seq, padding="max_length") for t, p in pairs]
+    return {k: np.array([e[k] for e in enc], dtype=np.int64) for k in names}
+
+
+def _labelled(bundle: Bundle, logits: np.ndarray) -> list[dict]:
+    """{"label", "score"} per row: the argmax label and its softmax probability."""
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    labels = bundle.meta.get("labels") or [str(i) for i in range(logits.shape[-1])]
+    return [{"label": labels[int(i)], "score": float(p[i])} for p, i in zip(probs, probs.argmax(-1))]
+
+
 class ClassifyPredictor(_Predictor):
     """Text (pair) classification: ``score`` is the softmax probability of the predicted label."""
 
@@ -416,20 +438,65 @@ class ClassifyPredictor(_Predictor):
         """{"label", "score", "graph"}."""
         return self.predict_batch([(text, text_pair)])[0]
 
-    def predict_batch(self, items: Sequence[tuple[str, str | None]]) -> list[dict]:
+    def predict_batch(self, items: Sequence[str | tuple[str, str | None]]) -> list[dict]:
         if not items:
             return []
-        pairs = [(_text(t, "text", f"request {i}"), None if p is None else _text(p, "text_pair", f"request {i}"))
-                 for i, (t, p) in enumerate(items)]
-        seq = self.entry["max_seq_length"]
-        with self.bundle.lock:
-            enc = [self.bundle.tokenizer(t, p, truncation=True, max_length=seq, padding="max_length") for t, p in pairs]
-        (logits,) = self._run({k: np.array([e[k] for e in enc], dtype=np.int64) for k in self.entry["inputs"]})
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        labels = self.bundle.meta.get("labels") or [str(i) for i in range(logits.shape[-1])]
-        return [{"label": labels[int(i)], "score": float(p[i]), "graph": self.entry["name"]}
-                for p, i in zip(probs, probs.argmax(-1))]
+        (logits,) = self._run(_encode_texts(self.bundle, items, self.entry["max_seq_length"], self.entry["inputs"]))
+        return [{**r, "graph": self.entry["name"]} for r in _labelled(self.bundle, logits)]
+
+
+def is_geep(bundle: Bundle) -> bool:
+    """Whether the bundle holds GEEP graphs (served by ``GeepPredictor``)."""
+    return any(g["kind"].startswith("geep-") for g in bundle.manifest["graphs"])
+
+
+class GeepPredictor:
+    """GEEP early-exit classification from a ``toolchain export-geep`` bundle; one instance may serve concurrent callers.
+
+    The predictor graph gives every request its exit depth before the encoder runs; requests are grouped by depth
+    and each group runs, ``batch`` rows at a time, through the graph of the encoder truncated there. Per depth the
+    graph is the one this hardware runs best: an INT8 variant (``toolchain quantize``) where ``Hardware.unusable``
+    accepts it on the execution provider in use, else the fp32 graph.
+    """
+
+    FIELDS, REQUIRED = ("text", "text_pair"), 1
+
+    def __init__(self, bundle: Bundle | str | Path, batch: int = 32, **load_kw):
+        """``bundle``: a Bundle or a bundle folder (opened with ``Bundle.load(path, **load_kw)``)."""
+        if not isinstance(batch, int) or batch <= 0:
+            raise ToolchainError(f"batch must be a positive integer, got {batch!r}")
+        self.bundle, self.batch = (bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, **load_kw)), batch
+        graphs, where = self.bundle.manifest["graphs"], self.bundle.path
+        self.predictor = next((g for g in graphs if g["kind"] == "geep-predictor"), None)
+        if self.predictor is None:
+            raise ToolchainError(f"bundle {where} has no GEEP predictor graph (export it with `toolchain export-geep`)")
+        vocab = len(self.bundle.tokenizer)
+        if self.predictor.get("vocab_size") != vocab:
+            raise ToolchainError(f"the GEEP predictor of bundle {where} was built for a vocabulary of "
+                                 f"{self.predictor.get('vocab_size')} tokens, but the bundle's tokenizer has {vocab}")
+        self.ep, self.notes = self.bundle.hardware.resolve_ep(self.bundle.ep)
+        usable = [g for g in graphs if self.bundle.hardware.unusable(g, self.ep, "geep-exit") is None]
+        self.graphs: dict[int, Mapping] = {}
+        for depth in range(1, self.predictor["num_layers"] + 1):
+            found = [g for g in usable if g.get("depth") == depth]
+            if not found:
+                raise ToolchainError(f"bundle {where} has no geep-exit graph for depth {depth} that runs on {self.ep} here")
+            self.graphs[depth] = min(found, key=lambda g: (g["precision"] != "int8", g["name"]))
+        self._predict_exit = ort_exit_predictor(self.bundle.session(self.predictor, "cpu"))
+        self._run_at_depth = ort_depth_runner({d: self.bundle.session(g, self.ep) for d, g in self.graphs.items()})
+
+    def predict(self, text: str, text_pair: str | None = None) -> dict:
+        """{"label", "score", "exit_layer", "graph"}."""
+        return self.predict_batch([(text, text_pair)])[0]
+
+    def predict_batch(self, items: Sequence[str | tuple[str, str | None]]) -> list[dict]:
+        """One result per item, in request order: label, softmax score, exit depth and the graph that answered."""
+        if not items:
+            return []
+        inputs = _encode_texts(self.bundle, items, self.predictor["max_seq_length"], INPUT_NAMES)
+        logits, depths = bucketed_predict(inputs, self._predict_exit, self._run_at_depth, self.batch)
+        return [{**r, "exit_layer": int(d), "graph": self.graphs[int(d)]["name"]}
+                for r, d in zip(_labelled(self.bundle, logits), depths)]
 
 
 PREDICTORS: dict[str, type[_Predictor]] = {"squad": QAPredictor, "classify": ClassifyPredictor}
