@@ -147,8 +147,14 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, repeats: int
 
 
 def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = None, repeats: int = 10,
-                 torch_eager: bool = True, reference: bool = True, graphs: list[str] | None = None) -> dict:
-    """Time every graph (and its PyTorch twin) of a bundle; write the ORT latencies into the manifest."""
+                 torch_eager: bool = True, reference: bool = True, graphs: list[str] | None = None,
+                 min_seconds: float = 1.0) -> dict:
+    """Time every graph (and its PyTorch twin) of a bundle; write the ORT latencies into the manifest.
+
+    Each measurement takes at least ``repeats`` runs (fewer at large batches) and keeps going until
+    ``min_seconds`` have passed: ten batch-1 runs of a 15 ms graph were too few for two consecutive runs
+    to agree within 10% on the PyTorch rows.
+    """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
     cores = cpu_info()["cores"]
@@ -197,7 +203,8 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
             for engine, precision, make in variants:
                 row = {"graph": entry["name"], "engine": engine, "precision": precision, "batch": batch,
                        "macs": entry["macs"], "f1": score, "length_config": entry["length_config"],
-                       "size_mb": entry["size_bytes"] / 1e6, **time_fn(make(inputs), warmup=2, repeats=reps)}
+                       "size_mb": entry["size_bytes"] / 1e6,
+                       **time_fn(make(inputs), warmup=2, repeats=reps, min_seconds=min_seconds)}
                 peak = peaks["int8" if precision.startswith("int8") else "fp32"]
                 row["roofline_ms"] = 2 * entry["macs"] * batch / (peak * 1e9) * 1000
                 row["roofline_multiple"] = row["latency_ms_median"] / row["roofline_ms"]
