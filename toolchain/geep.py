@@ -255,12 +255,13 @@ def depth_accuracy(model: GeepModel, arrays: dict[str, np.ndarray], batch_size: 
                    device: torch.device | str = "cpu") -> dict[str, list[float]]:
     """Dev accuracy (percent) of the teacher and of the students at every depth."""
     teacher, students = depth_logits(model, arrays, batch_size, device)
-    labels = arrays["labels"]
+    return {"accuracy_by_depth": accuracy_by_depth(teacher, arrays["labels"]),
+            "student_accuracy_by_depth": accuracy_by_depth(students, arrays["labels"])}
 
-    def acc(logits: np.ndarray) -> list[float]:
-        return [round(100.0 * float((d.argmax(-1) == labels).mean()), 2) for d in logits]
 
-    return {"accuracy_by_depth": acc(teacher), "student_accuracy_by_depth": acc(students)}
+def accuracy_by_depth(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Accuracy (percent, 2 decimals) at every depth of [L, N, C] logits."""
+    return [round(100.0 * float((d.argmax(-1) == labels).mean()), 2) for d in logits]
 
 
 def train_geep(*, model_dir: Path | None, train_path: Path, eval_path: Path, out_dir: Path,

@@ -19,7 +19,7 @@ from toolchain.bundle import write_bundle
 from toolchain.errors import ToolchainError
 from toolchain.exit_predictor import exit_accuracy, export_predictor_onnx
 from toolchain.export import OPSET, check_parity, parity_cases
-from toolchain.geep import TruncatedGeep, check_speed, depth_accuracy
+from toolchain.geep import TruncatedGeep, accuracy_by_depth, check_speed
 from toolchain.geep_runtime import (INPUT_NAMES, bucketed_predict, check_aggregation, export_depth_graphs,
                                     ort_depth_runner, ort_exit_predictor, ort_session, profile_exits)
 from toolchain.macs import count_macs
@@ -52,7 +52,7 @@ def export_geep_bundle(checkpoint_dir: str | Path, train_path: str | Path, eval_
     model, seq, dev = profile.model, profile.seq, profile.dev
     inputs = {k: dev[k] for k in INPUT_NAMES}
     table, tuned = profile.fit_table(speed, aggregation)
-    accuracy = depth_accuracy(model, dev)["accuracy_by_depth"]
+    accuracy = accuracy_by_depth(profile.dev_teacher, dev["labels"])
     scored = {"examples": len(dev["labels"]), "data": str(eval_path)}
     common = {"length_config": None, "max_seq_length": seq, "precision": "fp32", "format": "fp32", "ep": "cpu",
               "opset": OPSET, "latency_ms": {}, "optimization": {"method": "none"}}

@@ -292,8 +292,9 @@ def check_aggregation(aggregation: str) -> str:
 
 @dataclass(frozen=True)
 class ExitProfile:
-    """A GEEP checkpoint, its tokenized train/dev splits (dev with labels) and the students' logits at every
-    depth on both ([L, N, C]): what exit labels, exit tables and their dev exit accuracy are built from."""
+    """A GEEP checkpoint, its tokenized train/dev splits (dev with labels), the students' logits at every depth on
+    both and the shared classifier's on dev ([L, N, C]): what exit labels, exit tables, their dev exit accuracy and
+    the per-depth dev accuracy are built from."""
 
     model: GeepModel
     tokenizer: object
@@ -303,6 +304,7 @@ class ExitProfile:
     dev: Inputs
     train_students: np.ndarray
     dev_students: np.ndarray
+    dev_teacher: np.ndarray
 
     def fit_table(self, speed: float, aggregation: str) -> tuple[ExitTable, dict | None]:
         """The exit table fit on the training samples' FastBERT exits at `speed` (and the tuning result for 'auto')."""
@@ -322,8 +324,9 @@ def profile_exits(checkpoint_dir: Path, train_path: Path, eval_path: Path, max_t
     seq = meta.get("max_seq_length", 128)
     _, train = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples)
     _, dev = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
+    dev_teacher, dev_students = depth_logits(model, dev, 64, device)
     return ExitProfile(model, tokenizer, meta, seq, train, dev, depth_logits(model, train, 64, device)[1],
-                       depth_logits(model, dev, 64, device)[1])
+                       dev_students, dev_teacher)
 
 
 def _median_time(fn: Callable[[], T], repeats: int = 3) -> tuple[T, float]:
