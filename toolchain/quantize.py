@@ -204,9 +204,10 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
     src, dst = fp32_path.resolve(), pre.resolve()  # before the chdir below
     try:
         with contextlib.chdir(work.resolve()):  # its shape inference may drop temporary external-data files in the cwd
-            # GEEP graphs take any sequence length: the position-id slice's Min(max positions, sequence) must be
-            # merged with the sequence axis (auto_merge), or symbolic shape inference stops there
-            quant_pre_process(src, dst, auto_merge=entry["kind"] == "geep-exit")
+            # auto_merge: graphs with a dynamic sequence axis (GEEP's) slice position ids to Min(max positions,
+            # sequence), which symbolic shape inference must merge with the sequence axis; fixed-length graphs have
+            # nothing to merge
+            quant_pre_process(src, dst, auto_merge=True)
     except Exception as e:  # symbolic shape inference cannot see through ONNX Runtime contrib ops
         raise ToolchainError(f"cannot prepare {name} for quantization ({type(e).__name__}: {e}); graphs with ONNX "
                              "Runtime contrib ops (export --optimize ort-extended or fusion) do not quantize: "
