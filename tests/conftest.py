@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from transformers import BertConfig, BertForQuestionAnswering
+from transformers import BertConfig, BertForQuestionAnswering, BertForSequenceClassification
 
 from toolchain.bundle import add_graph, graph_path, latency_key, load_manifest, update_manifest
 from toolchain.models import default_model_dir
@@ -35,6 +35,20 @@ def make_tiny_model_dir(path, layers: int = 2, seed: int = 0):
     BertForQuestionAnswering(config).save_pretrained(path)
     for name in TOKENIZER_FILES:
         shutil.copy(default_model_dir() / name, path / name)
+    return path
+
+
+def make_tiny_classifier_dir(path, labels: tuple[str, ...] = ("0", "1"), seed: int = 0):
+    """A randomly initialised 2-layer BERT classifier saved as a length-adaptive toolchain checkpoint (seq 32, keep_cls)."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                        label2id={label: i for i, label in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_dir() / name, path / name)
+    (path / "toolchain.json").write_text(json.dumps({"task": "classify", "max_seq_length": 32, "labels": list(labels),
+                                                     "length_adaptive": True, "keep_cls": True}))
     return path
 
 

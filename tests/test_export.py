@@ -8,9 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TOKENIZER_FILES, make_tiny_model_dir
+from conftest import TOKENIZER_FILES, make_tiny_classifier_dir, make_tiny_model_dir
 from onnx import numpy_helper
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import AutoConfig
 
 from toolchain import export as export_mod
 from toolchain.bundle import add_graph, graph_path, latency_key, load_manifest, update_manifest, write_bundle
@@ -19,7 +19,6 @@ from toolchain.errors import ToolchainError
 from toolchain.export import OPTIMIZATIONS, export, export_pareto
 from toolchain.lat import FixedLengthModel
 from toolchain.macs import count_macs
-from toolchain.models import default_model_dir
 from toolchain.train_lat import load_length_adaptive
 
 SEQ = 64
@@ -260,18 +259,11 @@ def test_optimum_question_answering_pipeline(bundle):
 
 @pytest.mark.timeout(60)
 def test_classification_export(tmp_path):
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, num_labels=2, id2label={0: "0", 1: "1"}, label2id={"0": 0, "1": 1})
-    ckpt = tmp_path / "cls"
-    BertForSequenceClassification(config).save_pretrained(ckpt)
-    for name in TOKENIZER_FILES:
-        shutil.copy(default_model_dir() / name, ckpt / name)
-    (ckpt / "toolchain.json").write_text(json.dumps({"task": "classify", "max_seq_length": 32, "labels": ["0", "1"],
-                                                     "length_adaptive": True, "keep_cls": True}))
+    ckpt = make_tiny_classifier_dir(tmp_path / "cls")
     out = export(ckpt, tmp_path / "b", ["full", "24,10"], optimize="none")
     graphs = load_manifest(out)["graphs"]
     assert [g["name"] for g in graphs] == ["lat-full", "lat-24-10"]
+    config = AutoConfig.from_pretrained(ckpt)
     assert all(g["outputs"] == ["logits"] and g["macs"] == count_macs(config, g["length_config"], 32, "classify")
                for g in graphs)
     session = ort.InferenceSession(str(graph_path(out, graphs[1])), providers=["CPUExecutionProvider"])

@@ -8,16 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
-from conftest import SEQ, TOKENIZER_FILES
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from conftest import SEQ, make_tiny_classifier_dir
+from transformers import AutoTokenizer
 
 from toolchain import runtime
 from toolchain.bundle import graph_path, latency_key, load_manifest
 from toolchain.data.squad import SquadExample, build_features, postprocess
 from toolchain.errors import ToolchainError
 from toolchain.export import export
-from toolchain.models import default_model_dir
 from toolchain.runtime import (Bundle, ClassifyPredictor, Hardware, PREDICTORS, QAPredictor, explain,
                                read_requests, select)
 
@@ -232,15 +230,7 @@ def test_predictor_serves_concurrent_callers(measured):
 
 @pytest.mark.timeout(120)
 def test_classify_predictor(tmp_path):
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, num_labels=2)
-    ckpt = tmp_path / "cls"
-    BertForSequenceClassification(config).save_pretrained(ckpt)
-    for name in TOKENIZER_FILES:
-        shutil.copy(default_model_dir() / name, ckpt / name)
-    (ckpt / "toolchain.json").write_text(json.dumps({"task": "classify", "max_seq_length": 32, "labels": ["neg", "pos"],
-                                                     "length_adaptive": True, "keep_cls": True}))
+    ckpt = make_tiny_classifier_dir(tmp_path / "cls", labels=("neg", "pos"))
     bundle = export(ckpt, tmp_path / "b", ["full", "24,10"], optimize="none")
     loaded = Bundle.load(bundle, hardware=NO_VNNI, threads=1, probe_runs=1)
     predictor = PREDICTORS[loaded.task](loaded)

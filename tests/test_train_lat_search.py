@@ -11,7 +11,6 @@ from toolchain.data import SQUAD_DEV_SLICE, SQUAD_TRAIN_SLICE
 from toolchain.data.prepare import Columns
 from toolchain.errors import ToolchainError
 from toolchain.finetune import finetune
-from toolchain.lat import LengthAdaptiveModel
 from toolchain.search import SearchConfig, crossover, mutate, pareto_front, search
 from toolchain.train_lat import SandwichConfig, sandwich_loss_fn, train_lat
 from toolchain.training import TrainConfig
