@@ -86,6 +86,7 @@ def test_resume_continues_from_saved_state(tiny_model_dir, tmp_path):
     (["--task", "squad", "--doc-stride", "384"], "doc_stride (384) must be smaller than max_seq_length (384)"),
     (["--task", "squad", "--max-seq-length", "20", "--doc-stride", "4"], "max_seq_length (20) too small"),
     (["--task", "squad", "--device", "cuda"], "no CUDA GPU is available"),
+    (["--task", "classify", "--max-seq-length", "1000"], "max_seq_length must be an integer in 1..512"),
     (["--task", "classify", "--label-column", "stars"], "no column 'stars'"),
 ])
 def test_bad_inputs_fail_cleanly(tmp_path, args, message):

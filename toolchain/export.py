@@ -26,6 +26,7 @@ from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.lat import FixedLengthModel, LengthConfig, parse_length_config
 from toolchain.macs import count_macs
+from toolchain.models import check_seq_length
 from toolchain.train_lat import load_length_adaptive
 
 OPSET = 17
@@ -177,9 +178,7 @@ def export(model_dir: str | Path, out_dir: str | Path, length_configs: Sequence[
     wrapper, tokenizer, meta = load_length_adaptive(model_dir)
     wrapper.eval()
     config, task = wrapper.config, meta["task"]
-    seq_len = max_seq_length or meta.get("max_seq_length")
-    if not isinstance(seq_len, int) or not 0 < seq_len <= config.max_position_embeddings:
-        raise ToolchainError(f"max_seq_length must be an integer in 1..{config.max_position_embeddings}, got {seq_len!r}")
+    seq_len = check_seq_length(config, max_seq_length or meta.get("max_seq_length"))
     configs = list(dict.fromkeys(parse_length_config(c, wrapper.num_layers, seq_len) for c in length_configs))
     if not configs:
         raise ToolchainError("nothing to export: give at least one length configuration")

@@ -12,7 +12,7 @@ import torch
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
-from toolchain.models import check_task, default_model_dir, load_model, load_tokenizer, save_checkpoint
+from toolchain.models import check_seq_length, check_task, default_model_dir, load_model, load_tokenizer, save_checkpoint
 from toolchain.training import TrainConfig, resolve_device, train
 
 
@@ -38,6 +38,7 @@ def evaluate_checkpoint(model, tokenizer, task: str, eval_path: Path, max_eval_e
                         max_seq_length: int, doc_stride: int, device: torch.device,
                         columns: prepare.Columns, labels: list[str] | None) -> dict:
     """Accuracy of an HF model on (a deterministic subset of) a dev set."""
+    check_seq_length(model.config, max_seq_length)
     run = torch_runner(model.to(device), device)
     if task == "squad":
         examples, features = prepare.squad_split(eval_path, tokenizer, max_seq_length, doc_stride, max_eval_examples)
@@ -72,6 +73,7 @@ def finetune(*, task: str, model_dir: Path | None, train_path: Path, eval_path: 
         labels, data = prepare.classify_split(train_path, tokenizer, max_seq_length, None, columns,
                                               max_train_examples, cfg.seed)
     model = load_model(model_dir, task, labels)
+    check_seq_length(model.config, max_seq_length)
     losses = train(model, data, hf_loss, cfg, device, partial, resume, desc=f"finetune {task}")
     train_seconds = time.time() - t0
 

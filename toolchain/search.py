@@ -25,6 +25,7 @@ from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
 from toolchain.finetune import check_output
 from toolchain.lat import LengthAdaptiveModel, sample_length_config
 from toolchain.macs import count_macs
+from toolchain.models import check_seq_length
 from toolchain.train_lat import load_length_adaptive
 from toolchain.training import resolve_device
 
@@ -145,9 +146,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     model, tokenizer, meta = load_length_adaptive(model_dir, require_lat=True)
     model.to(device).eval()
     task, layers = meta["task"], model.num_layers
-    seq = max_seq_length or meta["max_seq_length"]
-    if not 1 <= seq <= model.config.max_position_embeddings:
-        raise ToolchainError(f"max_seq_length must be in 1..{model.config.max_position_embeddings}, got {seq}")
+    seq = check_seq_length(model.config, max_seq_length or meta["max_seq_length"])
     head = "qa" if task == "squad" else "classify"
     num_labels = len(meta["labels"] or [None, None])
 
