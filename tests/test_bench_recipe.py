@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_tiny_model_dir
-from toolchain.bench import bench_bundle, compare_reports, speedup_table, time_fn, write_outputs
+from toolchain.bench import bench_bundle, compare_reports, speedup_table, time_fn, time_interleaved, write_outputs
 from toolchain.bundle import latency_key, load_manifest
 from toolchain.cli import main
 from toolchain.errors import ToolchainError
@@ -29,6 +29,14 @@ def test_time_fn_reports_median_and_p90():
     stats = time_fn(lambda: calls.append(1), warmup=2, repeats=5)
     assert len(calls) == 7 and stats["runs"] == 5
     assert 0 <= stats["latency_ms_median"] <= stats["latency_ms_p90"]
+
+
+def test_time_interleaved_round_robin():
+    calls = []
+    stats = time_interleaved([lambda: calls.append("a"), lambda: calls.append("b")], rounds=3, warmup=1, repeats=3)
+    # one warm-up per slice (fast runs), one timed run per slice, slices alternate between the functions
+    assert "".join(calls) == "aabbaabbaabb"
+    assert [s["runs"] for s in stats] == [3, 3]
 
 
 def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):

@@ -28,19 +28,45 @@ from toolchain.errors import ToolchainError
 from toolchain.hardware import cpu_info, machine_summary
 
 
+def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: int = 2, repeats: int = 10,
+                     min_seconds: float = 0.0, desc: str | None = None) -> list[dict]:
+    """Median and p90 wall time in ms of each function, timed round-robin in ``rounds`` slices.
+
+    Each slice takes at least ``ceil(repeats / rounds)`` runs and ``min_seconds / rounds`` seconds. Interleaving
+    spreads every measurement over the whole session, so a machine that drifts (turbo, a neighbour's load)
+    shifts all of them alike and ratios between them stay put. Warm-up: ``warmup`` untimed runs before the
+    first slice (a run over a second is its own warm-up), then one before each later slice when runs are
+    short (< 100 ms), to refill the caches the other functions evicted. ``desc`` shows a progress bar.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    per_round = -(-repeats // rounds)
+    bar = tqdm(total=rounds * len(fns), desc=desc, unit="slice", dynamic_ncols=True, disable=desc is None)
+    for r in range(rounds):
+        for fn, ts in zip(fns, times):
+            for _ in range(warmup if r == 0 else int(statistics.median(ts) < 100)):
+                t0 = time.perf_counter()
+                fn()
+                if time.perf_counter() - t0 > 1.0:
+                    break
+            start, done = time.perf_counter(), 0
+            while done < per_round or time.perf_counter() - start < min_seconds / rounds:
+                t0 = time.perf_counter()
+                fn()
+                ts.append(1000 * (time.perf_counter() - t0))
+                done += 1
+            bar.update()
+    bar.close()
+    out = []
+    for ts in times:
+        ts.sort()
+        out.append({"latency_ms_median": statistics.median(ts),
+                    "latency_ms_p90": ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))], "runs": len(ts)})
+    return out
+
+
 def time_fn(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, min_seconds: float = 0.0) -> dict:
     """Median and p90 wall time in ms of `fn` over `repeats` runs (more while under `min_seconds`)."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - t0))
-    times.sort()
-    return {"latency_ms_median": statistics.median(times),
-            "latency_ms_p90": times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))], "runs": len(times)}
+    return time_interleaved([fn], 1, warmup, repeats, min_seconds)[0]
 
 
 def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = "cpu",
@@ -98,15 +124,13 @@ def gemm_peak(precision: str, threads: int, m: int = 1536, k: int = 1536, n: int
     return 2 * m * k * n / (t / 1000) / 1e9
 
 
-def _torch_model(source: Path, length_config, dynamic_int8: bool) -> torch.nn.Module:
-    from toolchain.lat import FixedLengthModel
+def _torch_models(source: Path) -> dict[str, torch.nn.Module]:
+    """The source checkpoint's length-adaptive model in fp32 and PyTorch dynamic INT8, loaded once."""
     from toolchain.train_lat import load_length_adaptive
 
-    model, _, _ = load_length_adaptive(source)
-    fixed = FixedLengthModel(model, length_config).eval()
-    if dynamic_int8:
-        fixed = torch.ao.quantization.quantize_dynamic(fixed, {torch.nn.Linear}, dtype=torch.qint8)
-    return fixed
+    model = load_length_adaptive(source)[0].eval()
+    return {"fp32": model, "int8-dynamic": torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
+                                                                                  dtype=torch.qint8)}
 
 
 def _torch_runner(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
@@ -119,7 +143,10 @@ def _torch_runner(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> Call
     return run
 
 
-def bert_base_reference(seq: int, batches: list[int], threads: int, repeats: int, inputs_for) -> list[dict]:
+Plan = list[tuple[dict, Callable[[], object]]]  # (result row without timings, the function to time)
+
+
+def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for) -> Plan:
     """BERT-base QA (random weights) in PyTorch fp32 and ORT fp32, at the bundle's sequence length."""
     from transformers import BertForQuestionAnswering
 
@@ -129,7 +156,6 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, repeats: int
     config = config_for_arch("bert-base")
     model = BertForQuestionAnswering(config).eval()
     macs = count_macs(config, None, seq, "qa")
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bert-base.onnx"
         sample = {k: torch.from_numpy(v) for k, v in inputs_for(1).items()}
@@ -137,26 +163,28 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, repeats: int
         torch.onnx.export(model, (sample,), path, input_names=names, output_names=["start_logits", "end_logits"],
                           dynamic_axes={n: {0: "batch"} for n in names}, opset_version=17, dynamo=False)
         sess = ort_session(path, threads)
-        for batch in batches:
-            inputs = inputs_for(batch)
-            reps = max(3, repeats // max(1, batch // 4))
-            for engine, fn in (("torch", _torch_runner(model, inputs)), ("ort", lambda: sess.run(None, inputs))):
-                rows.append({"graph": "bert-base", "engine": engine, "precision": "fp32", "batch": batch,
-                             "macs": macs, "f1": None, **time_fn(fn, warmup=1, repeats=reps)})
-    return rows
+    plan = []
+    for batch in batches:
+        inputs = inputs_for(batch)
+        for engine, fn in (("torch", _torch_runner(model, inputs)), ("ort", lambda i=inputs: sess.run(None, i))):
+            plan.append(({"graph": "bert-base", "engine": engine, "precision": "fp32", "batch": batch,
+                          "macs": macs, "f1": None}, fn))
+    return plan
 
 
 def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = None, repeats: int = 10,
                  torch_eager: bool = True, reference: bool = True, graphs: list[str] | None = None,
-                 min_seconds: float = 1.0) -> dict:
+                 min_seconds: float = 1.0, rounds: int = 4) -> dict:
     """Time every graph (and its PyTorch twin) of a bundle; write the ORT latencies into the manifest.
 
-    Each measurement takes at least ``repeats`` runs (fewer at large batches) and keeps going until
-    ``min_seconds`` have passed: ten batch-1 runs of a 15 ms graph were too few for two consecutive runs
-    to agree within 10% on the PyTorch rows.
+    Every measurement (all graphs, engines, batches and the BERT-base reference) is timed round-robin in
+    ``rounds`` slices, so a speedup ratio compares latencies taken over the same stretch of time. Each
+    measurement takes at least ``repeats`` runs (fewer at large batches) and ``min_seconds`` in total.
     """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
+    if rounds <= 0:
+        raise ToolchainError(f"rounds must be positive, got {rounds}")
     cores = cpu_info()["cores"]
     threads = threads or cores
     if threads <= 0:
@@ -187,29 +215,40 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
             cache[key] = real_inputs(bundle_dir, meta, key[0], batch)
         return cache[key]
 
+    from toolchain.lat import FixedLengthModel
+
     peaks = {p: gemm_peak(p, threads) for p in ("fp32", "int8")}
-    results = []
-    for entry in tqdm(entries, desc="bench", unit="graph", dynamic_ncols=True):
+    torch_models = _torch_models(source) if torch_eager else {}
+    plan: Plan = []
+    for entry in entries:
         sess = ort_session(bundles.graph_path(bundle_dir, entry), threads)
         score = (entry.get("metrics") or {}).get("f1", (entry.get("metrics") or {}).get("accuracy"))
-        variants = [("ort", entry["precision"], lambda inputs: (lambda: sess.run(None, inputs)))]
-        if torch_eager and entry["precision"] == "fp32":
-            for precision, dyn in (("fp32", False), ("int8-dynamic", True)):
-                model = _torch_model(source, entry["length_config"], dyn)
-                variants.append(("torch", precision, lambda inputs, m=model: _torch_runner(m, inputs)))
+        variants = [("ort", entry["precision"], lambda inputs, s=sess: (lambda: s.run(None, inputs)))]
+        if entry["precision"] == "fp32":
+            for precision, model in torch_models.items():
+                fixed = FixedLengthModel(model, entry["length_config"]).eval()
+                variants.append(("torch", precision, lambda inputs, m=fixed: _torch_runner(m, inputs)))
         for batch in batches:
             inputs = inputs_for(batch, entry["max_seq_length"])
-            reps = max(3, repeats // max(1, batch // 4))
             for engine, precision, make in variants:
-                row = {"graph": entry["name"], "engine": engine, "precision": precision, "batch": batch,
-                       "macs": entry["macs"], "f1": score, "length_config": entry["length_config"],
-                       "size_mb": entry["size_bytes"] / 1e6,
-                       **time_fn(make(inputs), warmup=2, repeats=reps, min_seconds=min_seconds)}
-                peak = peaks["int8" if precision.startswith("int8") else "fp32"]
-                row["roofline_ms"] = 2 * entry["macs"] * batch / (peak * 1e9) * 1000
-                row["roofline_multiple"] = row["latency_ms_median"] / row["roofline_ms"]
-                results.append(row)
-    ref = bert_base_reference(max(seqs), batches, threads, repeats, inputs_for) if reference else []
+                plan.append(({"graph": entry["name"], "engine": engine, "precision": precision, "batch": batch,
+                              "macs": entry["macs"], "f1": score, "length_config": entry["length_config"],
+                              "size_mb": entry["size_bytes"] / 1e6}, make(inputs)))
+    if reference:
+        plan += bert_base_reference(max(seqs), batches, threads, inputs_for)
+    results, ref = [], []
+    # fewer runs at large batches; within a batch size the plan keeps the bundle's graph order
+    for batch in batches:
+        part = [(row, fn) for row, fn in plan if row["batch"] == batch]
+        timings = time_interleaved([fn for _, fn in part], rounds, 2, max(rounds, repeats // max(1, batch // 4)),
+                                   min_seconds, desc=f"bench batch {batch}")
+        for (row, _), timing in zip(part, timings):
+            row.update(timing)
+            (ref if row["graph"] == "bert-base" else results).append(row)
+    for row in results:
+        peak = peaks["int8" if row["precision"].startswith("int8") else "fp32"]
+        row["roofline_ms"] = 2 * row["macs"] * row["batch"] / (peak * 1e9) * 1000
+        row["roofline_multiple"] = row["latency_ms_median"] / row["roofline_ms"]
 
     key_of = {b: bundles.latency_key("cpu", b) for b in batches}
 
@@ -222,7 +261,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
 
     bundles.update_manifest(bundle_dir, record)
     return {"machine": {**machine_summary(threads), "gemm_peak_gops": peaks}, "bundle": str(bundle_dir),
-            "seq_length": max(seqs), "results": results, "reference": ref}
+            "seq_length": max(seqs), "rounds": rounds, "results": results, "reference": ref}
 
 
 def speedup_table(report: dict, batch: int = 1) -> str:

@@ -185,50 +185,69 @@ class LengthAdaptiveModel(nn.Module):
         base = self.model.base_model
         hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         mask = attention_mask.to(hidden.dtype)  # 1 = real token, 0 = padding, for the current tokens
-        full = positions = None  # restore buffer [B, L, H] and original positions of current tokens [B, n]
+        seq, width = _num_tokens(hidden), self.config.hidden_size  # Python ints: constant shapes in an export
+        # Dropping moves whole rows of the flattened [B * n, H] states: `rows` [B, n] holds each current token's row
+        # in the [B * L, H] input (b * L + position), the index of the final restore. (The layers themselves run on
+        # [B, n, H]: a 2-D Linear exports as Gemm, faster in fp32 here but slower once quantized: QGemm, no GELU
+        # fusion.)
+        full = rows = rank = batch = None  # restore buffer [B * L, H], rows [B, n], significance rank [B, n], b [B, 1]
+        n = seq
         for i, layer in enumerate(base.encoder.layer):
             if layer_mask is not None and not layer_mask[i]:
                 continue
-            attn_out, probs = self._attention(layer, hidden, mask)
+            attn_out, probs = self._attention(layer, hidden, mask, n)
             keep = None if lengths is None else lengths[i]
-            if keep is not None and keep < _num_tokens(hidden):
+            if keep is not None and keep < n:
                 if full is None:
-                    full = hidden
-                    positions = torch.ones_like(input_ids).cumsum(1) - 1
+                    full = hidden.reshape(-1, width)
+                    rows = (torch.ones_like(input_ids).reshape(-1).cumsum(0) - 1).view(-1, seq)
+                    rank = self._pad_rank(mask, rows)
+                    batch = torch.ones_like(input_ids[:, :1]).cumsum(0) - 1
                 else:  # tokens dropped here keep their state from the previous layer
-                    full = _put_rows(full, positions, hidden)
-                idx = self._keep_indices(probs, mask, positions, keep)
-                positions, mask = positions.gather(1, idx), mask.gather(1, idx)
-                attn_out = attn_out.gather(1, _expand(idx, attn_out))
+                    full = full.index_put((rows.reshape(-1),), hidden.reshape(-1, width))
+                idx = self._keep_indices(probs, mask, rank, keep)
+                rows, mask, rank = rows.gather(1, idx), mask.gather(1, idx), rank.gather(1, idx)
+                attn_out = attn_out.reshape(-1, width)[(idx + batch * n).reshape(-1)].view(-1, keep, width)
+                n = keep
             hidden = layer.output(layer.intermediate(attn_out), attn_out)
+        positions = None
         if full is not None:
-            hidden = _put_rows(full, positions, hidden)
+            hidden = full.index_put((rows.reshape(-1),), hidden.reshape(-1, width)).view(-1, seq, width)
+            positions = rows % seq
         return self._head(hidden, positions)
 
     @staticmethod
-    def _attention(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eager multi-head self-attention + output dense/LayerNorm; returns (output, probs [B, heads, n, n])."""
+    def _attention(
+        layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eager multi-head self-attention + output dense/LayerNorm on [B, n, H] states; returns (output, probs
+        [B, heads, n, n])."""
         sa = layer.attention.self
 
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(x.shape[0], -1, sa.num_attention_heads, sa.attention_head_size).transpose(1, 2)
+        def heads(x: torch.Tensor) -> torch.Tensor:  # constant reshape targets: no shape ops in the exported graph
+            return x.view(-1, n, sa.num_attention_heads, sa.attention_head_size).transpose(1, 2)
 
         q, k, v = heads(sa.query(hidden)), heads(sa.key(hidden)), heads(sa.value(hidden))
         additive = (1.0 - mask)[:, None, None, :] * torch.finfo(hidden.dtype).min
         scores = q @ k.transpose(-1, -2) / math.sqrt(sa.attention_head_size) + additive
         probs = scores.softmax(dim=-1)
-        context = (sa.dropout(probs) @ v).transpose(1, 2).flatten(2)
+        context = (sa.dropout(probs) @ v).transpose(1, 2).reshape(-1, n, sa.num_attention_heads * sa.attention_head_size)
         return layer.attention.output(context, hidden), probs
 
-    def _keep_indices(self, probs: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: int) -> torch.Tensor:
-        """Indices [B, keep] (ascending) of the most significant current tokens."""
-        # attention received from real queries, summed over heads (>= 0): a mask-weighted sum over the queries as
-        # one MatMul, which reads the [B, heads, n, n] probabilities once instead of materialising probs * mask
-        score = (mask[:, None, None, :] @ probs).sum(dim=(1, 2))
-        # Padding scores -1 - position: below every real token, distinct (deterministic, earliest kept first).
-        score = torch.where(mask > 0, score, -1.0 - positions.to(score.dtype))
+    def _pad_rank(self, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Added to significance before TopK: 0 for real tokens, -1 - row for padding (below every real token,
+        distinct, earliest kept first), +inf for [CLS] when it is always kept."""
+        rank = (mask - 1.0) * (rows + 1).to(mask.dtype)
         if self.keep_cls:
-            score = torch.cat([torch.full_like(score[:, :1], math.inf), score[:, 1:]], dim=1)
+            rank = torch.cat([torch.full_like(rank[:, :1], math.inf), rank[:, 1:]], dim=1)
+        return rank
+
+    @staticmethod
+    def _keep_indices(probs: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor, keep: int) -> torch.Tensor:
+        """Indices [B, keep] (ascending) of the most significant current tokens."""
+        # attention received from real queries, summed over heads (>= 0, exactly 0 for padding keys): a mask-weighted
+        # sum over the queries as one MatMul, which reads the [B, heads, n, n] probabilities once
+        score = (mask[:, None, None, :] @ probs).sum(dim=(1, 2)) + rank
         idx = score.topk(keep, dim=1).indices
         return idx.topk(keep, dim=1, largest=False).values  # ascending sort with a constant K (ONNX TopK)
 
@@ -251,18 +270,6 @@ def _num_tokens(hidden: torch.Tensor) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         return int(hidden.shape[1])
-
-
-def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B, n] token index -> [B, n, H] for gather along dim 1."""
-    return index.unsqueeze(-1).expand(-1, -1, like.shape[-1])
-
-
-def _put_rows(full: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``full`` [B, L, H] with ``full[b, positions[b, j]] = rows[b, j]``: whole hidden-state rows (ONNX ScatterND),
-    measured 6x cheaper in ONNX Runtime than ScatterElements with an index expanded to every element."""
-    batch = torch.arange(full.shape[0], device=full.device)[:, None].expand_as(positions)
-    return full.index_put((batch, positions), rows)
 
 
 class FixedLengthModel(nn.Module):
