@@ -29,20 +29,23 @@ from toolchain.hardware import cpu_info, machine_summary
 
 
 def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: int = 2, repeats: int = 10,
-                     min_seconds: float = 0.0, desc: str | None = None) -> list[dict]:
+                     min_seconds: float = 0.0, desc: str | None = None,
+                     after_slice: list[Callable[[], object] | None] | None = None) -> list[dict]:
     """Median and p90 wall time in ms of each function, timed round-robin in ``rounds`` slices.
 
     Each slice takes at least ``ceil(repeats / rounds)`` runs and ``min_seconds / rounds`` seconds. Interleaving
     spreads every measurement over the whole session, so a machine that drifts (turbo, a neighbour's load)
     shifts all of them alike and ratios between them stay put. Warm-up: ``warmup`` untimed runs before the
     first slice (a run over a second is its own warm-up), then one before each later slice when runs are
-    short (< 100 ms), to refill the caches the other functions evicted. ``desc`` shows a progress bar.
+    short (< 100 ms), to refill the caches the other functions evicted. ``after_slice[i]``, when given, runs
+    untimed after each slice of ``fns[i]`` (to hand back memory). ``desc`` shows a progress bar.
     """
     times: list[list[float]] = [[] for _ in fns]
     per_round = -(-repeats // rounds)
     bar = tqdm(total=rounds * len(fns), desc=desc, unit="slice", dynamic_ncols=True, disable=desc is None)
+    after_slice = after_slice or [None] * len(fns)
     for r in range(rounds):
-        for fn, ts in zip(fns, times):
+        for fn, ts, after in zip(fns, times, after_slice):
             for _ in range(warmup if r == 0 else int(statistics.median(ts) < 100)):
                 t0 = time.perf_counter()
                 fn()
@@ -54,6 +57,8 @@ def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: i
                 fn()
                 ts.append(1000 * (time.perf_counter() - t0))
                 done += 1
+            if after is not None:
+                after()
             bar.update()
     bar.close()
     out = []
@@ -143,7 +148,21 @@ def _torch_runner(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> Call
     return run
 
 
-Plan = list[tuple[dict, Callable[[], object]]]  # (result row without timings, the function to time)
+# (result row without timings, the function to time, what to run after each of its slices or None)
+Plan = list[tuple[dict, Callable[[], object], Callable[[], object] | None]]
+
+
+def _ort_runner(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
+                small: dict[str, np.ndarray]) -> tuple[Callable[[], object], Callable[[], object]]:
+    """(timed run, release): the release is an untimed batch-1 run that shrinks the session's memory arena.
+
+    Interleaving keeps every session alive; without it each one holds its batch-32 activations (about 1 GB
+    for MiniLM at 384) and a full bundle does not fit in 24 GB. The first run after a release re-grows the
+    arena: measured 1.24 s vs 1.20-1.22 s steady (lat-full, batch 32), so large-batch ORT rows read ~2% high.
+    """
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return (lambda: sess.run(None, inputs)), (lambda: sess.run(None, small, shrink))
 
 
 def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for) -> Plan:
@@ -166,9 +185,10 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for) 
     plan = []
     for batch in batches:
         inputs = inputs_for(batch)
-        for engine, fn in (("torch", _torch_runner(model, inputs)), ("ort", lambda i=inputs: sess.run(None, i))):
+        for engine, (fn, after) in (("torch", (_torch_runner(model, inputs), None)),
+                                    ("ort", _ort_runner(sess, inputs, inputs_for(1)))):
             plan.append(({"graph": "bert-base", "engine": engine, "precision": "fp32", "batch": batch,
-                          "macs": macs, "f1": None}, fn))
+                          "macs": macs, "f1": None}, fn, after))
     return plan
 
 
@@ -223,26 +243,27 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     for entry in entries:
         sess = ort_session(bundles.graph_path(bundle_dir, entry), threads)
         score = (entry.get("metrics") or {}).get("f1", (entry.get("metrics") or {}).get("accuracy"))
-        variants = [("ort", entry["precision"], lambda inputs, s=sess: (lambda: s.run(None, inputs)))]
+        small = inputs_for(1, entry["max_seq_length"])
+        variants = [("ort", entry["precision"], lambda inputs, s=sess: _ort_runner(s, inputs, small))]
         if entry["precision"] == "fp32":
             for precision, model in torch_models.items():
                 fixed = FixedLengthModel(model, entry["length_config"]).eval()
-                variants.append(("torch", precision, lambda inputs, m=fixed: _torch_runner(m, inputs)))
+                variants.append(("torch", precision, lambda inputs, m=fixed: (_torch_runner(m, inputs), None)))
         for batch in batches:
             inputs = inputs_for(batch, entry["max_seq_length"])
             for engine, precision, make in variants:
                 plan.append(({"graph": entry["name"], "engine": engine, "precision": precision, "batch": batch,
                               "macs": entry["macs"], "f1": score, "length_config": entry["length_config"],
-                              "size_mb": entry["size_bytes"] / 1e6}, make(inputs)))
+                              "size_mb": entry["size_bytes"] / 1e6}, *make(inputs)))
     if reference:
         plan += bert_base_reference(max(seqs), batches, threads, inputs_for)
     results, ref = [], []
     # fewer runs at large batches; within a batch size the plan keeps the bundle's graph order
     for batch in batches:
-        part = [(row, fn) for row, fn in plan if row["batch"] == batch]
-        timings = time_interleaved([fn for _, fn in part], rounds, 2, max(rounds, repeats // max(1, batch // 4)),
-                                   min_seconds, desc=f"bench batch {batch}")
-        for (row, _), timing in zip(part, timings):
+        part = [item for item in plan if item[0]["batch"] == batch]
+        timings = time_interleaved([fn for _, fn, _ in part], rounds, 2, max(rounds, repeats // max(1, batch // 4)),
+                                   min_seconds, desc=f"bench batch {batch}", after_slice=[after for *_, after in part])
+        for (row, *_), timing in zip(part, timings):
             row.update(timing)
             (ref if row["graph"] == "bert-base" else results).append(row)
     for row in results:
