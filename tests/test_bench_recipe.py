@@ -1,6 +1,7 @@
 """`toolchain bench` on a tiny bundle, and `toolchain run` recipes (skip finished steps, clear errors)."""
 
 import json
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -37,6 +38,11 @@ def test_time_interleaved_round_robin():
     # one warm-up per slice (fast runs), one timed run per slice, slices alternate between the functions
     assert "".join(calls) == "aabbaabbaabb"
     assert [s["runs"] for s in stats] == [3, 3]
+    # a release after each slice of "a"; slow runs (>= 100 ms) get no warm-up unless something was released
+    calls.clear()
+    slow = lambda tag: lambda: calls.append(tag) or time.sleep(0.1)  # noqa: E731
+    time_interleaved([slow("a"), slow("b")], rounds=2, warmup=1, repeats=2, after_slice=[lambda: calls.append("r"), None])
+    assert "".join(calls) == "aarbbaarb"
 
 
 def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):

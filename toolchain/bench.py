@@ -35,10 +35,11 @@ def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: i
 
     Each slice takes at least ``ceil(repeats / rounds)`` runs and ``min_seconds / rounds`` seconds. Interleaving
     spreads every measurement over the whole session, so a machine that drifts (turbo, a neighbour's load)
-    shifts all of them alike and ratios between them stay put. Warm-up: ``warmup`` untimed runs before the
-    first slice (a run over a second is its own warm-up), then one before each later slice when runs are
-    short (< 100 ms), to refill the caches the other functions evicted. ``after_slice[i]``, when given, runs
-    untimed after each slice of ``fns[i]`` (to hand back memory). ``desc`` shows a progress bar.
+    shifts all of them alike and ratios between them stay put. ``after_slice[i]``, when given, runs untimed
+    after each slice of ``fns[i]`` (to hand back memory). Warm-up: ``warmup`` untimed runs before the first
+    slice (a run over a second is its own warm-up), then one before each later slice when runs are short
+    (< 100 ms, to refill the caches the other functions evicted) or an ``after_slice`` ran (to re-grow what
+    it released). ``desc`` shows a progress bar.
     """
     times: list[list[float]] = [[] for _ in fns]
     per_round = -(-repeats // rounds)
@@ -46,7 +47,7 @@ def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: i
     after_slice = after_slice or [None] * len(fns)
     for r in range(rounds):
         for fn, ts, after in zip(fns, times, after_slice):
-            for _ in range(warmup if r == 0 else int(statistics.median(ts) < 100)):
+            for _ in range(warmup if r == 0 else int(after is not None or statistics.median(ts) < 100)):
                 t0 = time.perf_counter()
                 fn()
                 if time.perf_counter() - t0 > 1.0:
@@ -158,7 +159,8 @@ def _ort_runner(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
 
     Interleaving keeps every session alive; without it each one holds its batch-32 activations (about 1 GB
     for MiniLM at 384) and a full bundle does not fit in 24 GB. The first run after a release re-grows the
-    arena: measured 1.24 s vs 1.20-1.22 s steady (lat-full, batch 32), so large-batch ORT rows read ~2% high.
+    arena and is slower (lat-full INT8, batch 32: 1.00-1.03 s vs 0.83-0.85 s), so ``time_interleaved`` warms
+    such a measurement up again before each slice.
     """
     shrink = ort.RunOptions()
     shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
