@@ -80,7 +80,9 @@ def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = 
     """An ORT session with fixed intra-op threads (default: all cores), sequential execution.
 
     Spinning worker threads are off by default: on a machine shared with other work they cost far more
-    than they save (measured here: MiniLM fp32 at 384, 135-176 ms spinning vs 52 ms not). On the CPU EP the
+    than they save (measured here: MiniLM fp32 at 384, 135-176 ms spinning vs 52 ms not). On an otherwise
+    idle machine they win at batch 1 (lat-full 26.3 vs 27.7 ms, the smallest length configuration 10.3 vs
+    11.8 ms, interleaved in one run), where short parallel sections otherwise wait for sleeping threads. On the CPU EP the
     SkipLayerNormalization fusion is off: in the INT8 graphs it replaces Add + LayerNormalization by a
     kernel that is slower on this CPU (ORT 1.31, lat-full INT8 at 256, batch 1, one thread, 25 interleaved
     runs: 28.7 ms fused vs 23.7 ms not; the fp32 graphs do not get fused and are unchanged).
@@ -167,7 +169,7 @@ def _ort_runner(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
     return (lambda: sess.run(None, inputs)), (lambda: sess.run(None, small, shrink))
 
 
-def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for) -> Plan:
+def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for, spinning: bool = False) -> Plan:
     """BERT-base QA (random weights) in PyTorch fp32 and ORT fp32, at the bundle's sequence length."""
     from transformers import BertForQuestionAnswering
 
@@ -183,7 +185,7 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for) 
         names = list(sample)
         torch.onnx.export(model, (sample,), path, input_names=names, output_names=["start_logits", "end_logits"],
                           dynamic_axes={n: {0: "batch"} for n in names}, opset_version=17, dynamo=False)
-        sess = ort_session(path, threads)
+        sess = ort_session(path, threads, spinning=spinning)
     plan = []
     for batch in batches:
         inputs = inputs_for(batch)
@@ -196,12 +198,14 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for) 
 
 def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = None, repeats: int = 10,
                  torch_eager: bool = True, reference: bool = True, graphs: list[str] | None = None,
-                 min_seconds: float = 1.0, rounds: int = 4) -> dict:
+                 min_seconds: float = 1.0, rounds: int = 4, spinning: bool = False) -> dict:
     """Time every graph (and its PyTorch twin) of a bundle; write the ORT latencies into the manifest.
 
     Every measurement (all graphs, engines, batches and the BERT-base reference) is timed round-robin in
     ``rounds`` slices, so a speedup ratio compares latencies taken over the same stretch of time. Each
     measurement takes at least ``repeats`` runs (fewer at large batches) and ``min_seconds`` in total.
+    ``spinning`` lets ORT's worker threads spin between parallel sections (ORT's own default; right for a
+    dedicated machine, see ``ort_session``); it is recorded with the results and the manifest latencies.
     """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
@@ -243,7 +247,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     torch_models = _torch_models(source) if torch_eager else {}
     plan: Plan = []
     for entry in entries:
-        sess = ort_session(bundles.graph_path(bundle_dir, entry), threads)
+        sess = ort_session(bundles.graph_path(bundle_dir, entry), threads, spinning=spinning)
         score = (entry.get("metrics") or {}).get("f1", (entry.get("metrics") or {}).get("accuracy"))
         small = inputs_for(1, entry["max_seq_length"])
         variants = [("ort", entry["precision"], lambda inputs, s=sess: _ort_runner(s, inputs, small))]
@@ -258,7 +262,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
                               "macs": entry["macs"], "f1": score, "length_config": entry["length_config"],
                               "size_mb": entry["size_bytes"] / 1e6}, *make(inputs)))
     if reference:
-        plan += bert_base_reference(max(seqs), batches, threads, inputs_for)
+        plan += bert_base_reference(max(seqs), batches, threads, inputs_for, spinning)
     results, ref = [], []
     # fewer runs at large batches; within a batch size the plan keeps the bundle's graph order
     for batch in batches:
@@ -280,10 +284,12 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
             for row in results:
                 if row["graph"] == g["name"] and row["engine"] == "ort":
                     g["latency_ms"][key_of[row["batch"]]] = {"median": row["latency_ms_median"],
-                                                             "p90": row["latency_ms_p90"], "threads": threads}
+                                                             "p90": row["latency_ms_p90"], "threads": threads,
+                                                             "spinning": spinning}
 
     bundles.update_manifest(bundle_dir, record)
-    return {"machine": {**machine_summary(threads), "gemm_peak_gops": peaks}, "bundle": str(bundle_dir),
+    return {"machine": {**machine_summary(threads), "gemm_peak_gops": peaks, "ort_spinning": spinning},
+            "bundle": str(bundle_dir),
             "seq_length": max(seqs), "rounds": rounds, "results": results, "reference": ref}
 
 
