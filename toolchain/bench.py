@@ -250,7 +250,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
         sess = ort_session(bundles.graph_path(bundle_dir, entry), threads, spinning=spinning)
         score = (entry.get("metrics") or {}).get("f1", (entry.get("metrics") or {}).get("accuracy"))
         small = inputs_for(1, entry["max_seq_length"])
-        variants = [("ort", entry["precision"], lambda inputs, s=sess: _ort_runner(s, inputs, small))]
+        variants = [("ort", entry["precision"], lambda inputs, s=sess, sm=small: _ort_runner(s, inputs, sm))]
         if entry["precision"] == "fp32":
             for precision, model in torch_models.items():
                 fixed = FixedLengthModel(model, entry["length_config"]).eval()
