@@ -158,3 +158,35 @@ def test_choose_by_tolerance_or_mac_target():
     assert choose(front, 60.0, tolerance=1.0) is None
     assert choose(front, 50.0, target_macs_ratio=0.55)["macs"] == 50  # most accurate at <= 55% MACs
     assert choose(front, 50.0, target_macs_ratio=0.3) is None
+
+
+def test_ort_engine_scores_like_pytorch(tiny_lat):
+    from toolchain.data import prepare
+    from toolchain.evaluate import torch_runner
+    from toolchain.export import ort_runner
+    from toolchain.search import Scorer
+    from toolchain.train_lat import load_length_adaptive
+
+    model, tokenizer, _ = load_length_adaptive(tiny_lat)
+    split = prepare.squad_split(SQUAD_DEV_SLICE, tokenizer, 64, 16, 12)
+    feed = split[1].inputs(slice(0, 6))
+    for cfg in (None, (40, 17)):
+        got = ort_runner(model, cfg, split[1].inputs(slice(0, 2)))(feed)
+        want = torch_runner(model, "cpu", length_config=cfg)(feed)
+        assert max(float(abs(g - w).max()) for g, w in zip(got, want)) <= 1e-4
+        scores = [Scorer(model, "squad", split, torch.device("cpu"), None, 4, engine)(cfg) for engine in ("ort", "torch")]
+        assert abs(scores[0]["f1"] - scores[1]["f1"]) < 1e-6 and scores[0]["questions"] == 12
+
+
+def test_train_lat_at_another_length_on_new_questions(tiny_ft, tmp_path):
+    kwargs = dict(model_dir=tiny_ft, train_path=SQUAD_TRAIN_SLICE, eval_path=SQUAD_DEV_SLICE, max_train_examples=8,
+                  max_eval_examples=4, cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=8), sandwich=SandwichConfig(),
+                  device_name="cpu")
+    summary = train_lat(out_dir=tmp_path / "a", max_seq_length=48, train_skip=16, **kwargs)
+    meta = json.loads((tmp_path / "a" / "toolchain.json").read_text())
+    assert meta["max_seq_length"] == 48 and meta["train_lat"]["train_skip"] == 16 and summary["steps"] >= 1
+    with pytest.raises(ToolchainError, match="max_seq_length must be an integer"):
+        train_lat(out_dir=tmp_path / "b", max_seq_length=100_000, **kwargs)
+    with pytest.raises(ToolchainError, match="after skipping"):
+        train_lat(out_dir=tmp_path / "c", train_skip=10_000, **kwargs)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -173,8 +173,12 @@ def score(data_path, predictions):
 @click.option("--length-drop-ratio-bound", type=float, default=0.2, show_default=True)
 @click.option("--layer-drop", type=float, default=0.2, show_default=True, help="LayerDrop probability for sub-models")
 @click.option("--num-sandwich", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
+@click.option("--train-skip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="skip this many questions of the seeded train permutation first (e.g. those fine-tuning saw)")
 @_train_options
-def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_bound, layer_drop, num_sandwich, **kw):
+def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_bound, layer_drop, num_sandwich,
+                  max_seq_length, train_skip, **kw):
     """Drop-and-Restore training: make a fine-tuned model robust to dropping tokens per layer."""
     from toolchain.models import read_meta
     from toolchain.train_lat import SandwichConfig, train_lat
@@ -185,7 +189,8 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
                         eval_path=eval_data or _default_data(task, "dev"), out_dir=out_dir,
                         max_train_examples=kw["max_train_examples"], max_eval_examples=kw["max_eval_examples"],
                         cfg=cfg, sandwich=SandwichConfig(length_drop_ratio_bound, layer_drop, num_sandwich),
-                        device_name=kw["device"], resume=kw["resume"], force=kw["force"])
+                        device_name=kw["device"], max_seq_length=max_seq_length, train_skip=train_skip,
+                        resume=kw["resume"], force=kw["force"])
     click.echo(json.dumps(metrics, indent=2))
 
 
@@ -215,10 +220,12 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
+@click.option("--engine", default="auto", type=click.Choice(["auto", "ort", "torch"]), show_default=True,
+              help="what scores candidates: ONNX Runtime graphs (auto on CPU) or PyTorch (auto on CUDA)")
 @click.option("--resume", is_flag=True, help="continue an interrupted search (cached evaluations are reused)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, choose_tolerance, target_macs_ratio,
-               max_seq_length, batch_size, device, resume, force, **kw):
+               max_seq_length, batch_size, device, engine, resume, force, **kw):
     """Evolutionary search for Pareto-best length configurations (accuracy vs MACs)."""
     from toolchain.models import read_meta
     from toolchain.search import SearchConfig, search
@@ -227,7 +234,7 @@ def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, 
     result = search(model_dir=model_dir, eval_path=eval_data or _default_data(task, "dev"), out_dir=out_dir,
                     search_examples=search_examples, report_examples=report_examples, cfg=SearchConfig(**kw),
                     device_name=device, choose_tolerance=choose_tolerance, batch_size=batch_size, resume=resume,
-                    force=force, target_macs_ratio=target_macs_ratio, max_seq_length=max_seq_length)
+                    force=force, target_macs_ratio=target_macs_ratio, max_seq_length=max_seq_length, engine=engine)
     click.echo(json.dumps({"full": result["full"], "chosen": result["chosen"],
                            "frontier_size": len(result["frontier"]), "evaluated": result["evaluated"]}, indent=2))
 

@@ -24,7 +24,8 @@ import torch
 from toolchain.bundle import machine_id, update_manifest, write_bundle
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
-from toolchain.lat import FixedLengthModel, LengthConfig, parse_length_config
+from toolchain.evaluate import Runner
+from toolchain.lat import FixedLengthModel, LengthAdaptiveModel, LengthConfig, parse_length_config
 from toolchain.macs import count_macs
 from toolchain.models import check_seq_length
 from toolchain.train_lat import load_length_adaptive
@@ -56,6 +57,27 @@ def _export_graph(fixed: FixedLengthModel, inputs: dict[str, np.ndarray], output
         torch.onnx.export(fixed, tuple(torch.from_numpy(v[:2]) for v in inputs.values()), str(path), dynamo=False,
                           opset_version=OPSET, input_names=names, output_names=list(outputs),
                           dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]})
+
+
+def ort_runner(model: LengthAdaptiveModel, length_config: LengthConfig, sample: dict[str, np.ndarray],
+               threads: int | None = None) -> Runner:
+    """Score one configuration through ONNX Runtime: trace it to a temporary graph and load a CPU session.
+
+    For evaluating many candidates (the search): ORT fp32 runs these graphs 2.2-2.9x faster than PyTorch
+    eager on CPU, and tracing one costs about a second. `sample` holds model inputs (two rows suffice).
+    """
+    from toolchain.bench import ort_session
+
+    outputs = ("start_logits", "end_logits") if model.task == "qa" else ("logits",)
+    with tempfile.TemporaryDirectory(prefix="toolchain-score-") as tmp:
+        path = Path(tmp) / "graph.onnx"
+        _export_graph(FixedLengthModel(model.cpu().eval(), length_config), sample, outputs, path)
+        session = ort_session(path, threads)
+
+    def run(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        return tuple(session.run(None, inputs))
+
+    return run
 
 
 def parity_cases(fixed: FixedLengthModel, inputs: dict[str, np.ndarray]) -> Cases:

@@ -21,7 +21,7 @@ from toolchain.errors import ToolchainError
 from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
 from toolchain.finetune import check_output
 from toolchain.lat import LengthAdaptiveModel, sample_layer_mask, sample_length_config, smallest_length_config
-from toolchain.models import load_model, load_tokenizer, read_meta, save_checkpoint
+from toolchain.models import check_seq_length, load_model, load_tokenizer, read_meta, save_checkpoint
 from toolchain.training import TrainConfig, resolve_device, train
 
 
@@ -93,21 +93,29 @@ def load_length_adaptive(model_dir: Path, require_lat: bool = False) -> tuple[Le
 
 def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Path, max_train_examples: int | None,
               max_eval_examples: int | None, cfg: TrainConfig, sandwich: SandwichConfig, device_name: str,
-              resume: bool = False, force: bool = False) -> dict:
-    """Train, evaluate at full length, save an atomic checkpoint marked length_adaptive."""
+              max_seq_length: int | None = None, train_skip: int = 0, resume: bool = False,
+              force: bool = False) -> dict:
+    """Train, evaluate at full length, save an atomic checkpoint marked length_adaptive.
+
+    `max_seq_length` defaults to the checkpoint's; `train_skip` skips that many questions of the seeded
+    train permutation first (the ones an earlier step of the pipeline already trained on).
+    """
     cfg.validate()
     sandwich.validate()
     device = resolve_device(device_name)
     model, tokenizer, meta = load_length_adaptive(model_dir)
     partial = check_output(out_dir, force, resume)
-    task, seq, stride = meta["task"], meta["max_seq_length"], meta.get("doc_stride", 128)
+    task, seq, stride = meta["task"], max_seq_length or meta["max_seq_length"], meta.get("doc_stride", 128)
+    check_seq_length(model.hf_model.config, seq)
     columns = prepare.Columns.from_meta(meta)
     t0 = time.time()
     if task == "squad":
-        _, feats = prepare.squad_split(train_path, tokenizer, seq, stride, max_train_examples, cfg.seed, split="train")
+        _, feats = prepare.squad_split(train_path, tokenizer, seq, stride, max_train_examples, cfg.seed,
+                                       split="train", skip=train_skip)
         data = prepare.squad_train_arrays(feats)
     else:
-        _, data = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples, cfg.seed)
+        _, data = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples,
+                                         cfg.seed, skip=train_skip)
     losses = train(model, data, sandwich_loss_fn(sandwich, cfg.seed), cfg, device, partial, resume, desc="train-lat")
     seconds = time.time() - t0
     run = torch_runner(model, device)
@@ -117,8 +125,9 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     else:
         _, arrays = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
         metrics, _ = evaluate_classify(run, arrays)
-    new_meta = {**meta, "length_adaptive": True, "keep_cls": model.keep_cls, "parent": str(model_dir),
-                "train_lat": {**asdict(cfg), **asdict(sandwich), "train_examples": max_train_examples}}
+    new_meta = {**meta, "max_seq_length": seq, "length_adaptive": True, "keep_cls": model.keep_cls, "parent": str(model_dir),
+                "train_lat": {**asdict(cfg), **asdict(sandwich), "train_examples": max_train_examples,
+                                  "train_skip": train_skip, "max_seq_length": seq}}
     summary = {**metrics, "eval_data": str(eval_path), "train_seconds": round(seconds, 1), "steps": len(losses),
                "loss_first": losses[0], "loss_last_20": sum(losses[-20:]) / len(losses[-20:])}
     save_checkpoint(model.hf_model.cpu(), tokenizer, out_dir, new_meta, {"metrics.json": summary})
