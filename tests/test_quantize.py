@@ -76,7 +76,7 @@ def test_cpu_int8_joins_the_manifest_and_tracks_fp32(bundle):
         assert stored["length_config"] == parent["length_config"] and stored["max_seq_length"] == SEQ
         assert stored["metrics"]["fp32"]["questions"] == stored["metrics"]["questions"] == 24
         q = stored["quantization"]
-        assert q["calibration"]["samples"] == 16 and q["fp32_units"] == q["trials"][-1]["fp32_units"]
+        assert q["calibration"]["samples"] == 16 and q["fallback_units"] == q["trials"][-1]["fallback_units"]
         assert stored["size_bytes"] <= 0.35 * parent["size_bytes"]
         assert "QLinearMatMul" in op_types(graph_path(bundle, stored))
         assert_tracks_fp32(bundle, stored, feed)
@@ -138,12 +138,15 @@ def test_checksum_mismatch_is_refused(bundle):
 
 
 def score_int8_lower(monkeypatch, unless_fp32=()):
-    """Scripted F1: 50 for fp32 graphs and INT8 graphs that kept ``unless_fp32`` (node names) in fp32, else 45."""
+    """Scripted F1: 50 for fp32 graphs and INT8 graphs that left ``unless_fp32`` (node names) out of static INT8,
+    else 45."""
     real_runner, real_eval = quantize._runner, quantize.evaluate_squad
 
     class Tagged:
         def __init__(self, path, ep):
-            kept = {n.name for n in quantize.weight_nodes(onnx.load(str(path), load_external_data=False).graph)}
+            graph = onnx.load(str(path), load_external_data=False).graph
+            kept = {n.name for n in quantize.weight_nodes(graph)}  # fp32, or weight-only INT8 (MatMulNBits, "_Q8")
+            kept |= {n.name.removesuffix("_Q8") for n in graph.node if n.op_type == "MatMulNBits"}
             int8 = "QuantizeLinear" in op_types(path)
             self.run, self.lowered = real_runner(path, ep), int8 and not (unless_fp32 and kept >= set(unless_fp32))
 
@@ -158,15 +161,21 @@ def score_int8_lower(monkeypatch, unless_fp32=()):
     monkeypatch.setattr(quantize, "evaluate_squad", lowered)
 
 
-def test_fallback_keeps_the_failing_unit_in_fp32(bundle, monkeypatch):
+def test_fallback_makes_the_failing_unit_weight_only_int8(bundle, monkeypatch):
     units = quantize.fallback_units(onnx.load(str(bundle / "lat-full.onnx"), load_external_data=False).graph)
     score_int8_lower(monkeypatch, units["ffn-out"])
     (entry,) = quantize.quantize_bundle(bundle, SQUAD_TRAIN_SLICE, SQUAD_DEV_SLICE, graphs=["lat-full"],
                                         **{**FAST, "tolerance": 1.0})
     q = entry["quantization"]
-    assert q["fp32_units"] == ["ffn-out"] and q["fp32_nodes"] == sorted(units["ffn-out"])
-    assert [t["fp32_units"] for t in q["trials"]] == [[], ["ffn-out"]]
+    assert q["fallback_units"] == ["ffn-out"] and q["fallback"] == "weight-only int8" and q["fp32_nodes"] == []
+    assert sorted(q["weight_only"]["nodes"]) == sorted(units["ffn-out"]) and q["weight_only"]["bits"] == 8
+    assert [t["fallback_units"] for t in q["trials"]] == [[], ["ffn-out"]]
     assert (entry["metrics"]["f1"], entry["metrics"]["fp32"]["f1"]) == (50.0, 50.0)
+    graph = onnx.load(str(graph_path(bundle, entry))).graph
+    assert sorted(n.name for n in graph.node if n.op_type == "MatMulNBits") == sorted(f"{n}_Q8" for n in units["ffn-out"])
+    assert not [n for n in quantize.weight_nodes(graph) if n.op_type == "MatMul"]
+    monkeypatch.undo()
+    assert_tracks_fp32(bundle, entry, dev_feed(bundle))
 
 
 def test_unmet_tolerance_reports_the_best_and_keeps_fp32(bundle, monkeypatch):

@@ -484,8 +484,8 @@ def quantize_cmd(bundle_dir, calib_data, eval_data, graphs, calib_samples, eval_
     for e in quantize_bundle(bundle_dir, calib_data, eval_data, names or None, calib_samples, eval_examples,
                              tolerance, ep, seed, max_trials, eval_skip=eval_skip):
         q, m = e["quantization"], e["quantization"]["metric"]
-        click.echo(f"{e['name']}: {m} {e['metrics'][m]:.2f} (fp32 {e['metrics']['fp32'][m]:.2f}); fp32 kept: "
-                   f"{', '.join(q['fp32_units']) or 'none'}; {q['size_ratio']:.0%} of fp32 size; {q['seconds']:.0f} s")
+        click.echo(f"{e['name']}: {m} {e['metrics'][m]:.2f} (fp32 {e['metrics']['fp32'][m]:.2f}); {q['fallback']} for: "
+                   f"{', '.join(q['fallback_units']) or 'none'}; {q['size_ratio']:.0%} of fp32 size; {q['seconds']:.0f} s")
 
 
 def _selection_options(f):
