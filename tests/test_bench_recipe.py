@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -151,3 +152,19 @@ def test_step_args_paths_flags_and_lists(tmp_path):
                       "train-data": "{workdir}/t.json"}, tmp_path)
     assert args == ["--model", str(tmp_path / "ft"), "--out", "/abs/o", "--resume", "--graphs", "a,b", "--plots", str(tmp_path / "p"),
                     "--train-data", f"{tmp_path}/t.json"]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")))
+def test_shipped_recipes_parse_against_their_commands(recipe, tmp_path):
+    """Every step of every recipe in recipes/ names a command and only options that command has."""
+    import click
+
+    steps = load_recipe(Path(__file__).parent.parent / "recipes" / recipe)["steps"]
+    for step in steps:
+        (name, options), = step.items()
+        command = main.get_command(click.Context(main), name)
+        assert command is not None, name
+        opts = {o for p in command.params for o in p.opts}
+        assert [k for k in options if f"--{k}" not in opts] == [], name
+        ctx = command.make_context(name, step_args(options, tmp_path))  # values parse (types, choices, ranges)
+        assert ctx.params
