@@ -278,7 +278,9 @@ def plot_pareto(result: dict, evaluated: dict[Config, tuple[int, float]], path: 
     ax.plot([p["macs"] / 1e9 for p in front], [score_of(p["search"]) for p in front], "o-", label="frontier (search)")
     ax.plot([p["macs"] / 1e9 for p in front], [score_of(p["report"]) for p in front], "s--", label="frontier (report)")
     full = result["full"]
-    ax.plot(full["macs"] / 1e9, score_of(full["report"]), "r*", ms=12, label="full length (report)")
+    ax.plot(full["macs"] / 1e9, score_of(full["search"]), "*", c="C0", ms=12, label="full length (search)")
+    ax.plot(full["macs"] / 1e9, score_of(full["report"]), "*", c="C1", ms=12, label="full length (report)")
+    ax.axhline(score_of(full["report"]) - 1.0, c="C1", lw=0.8, ls=":", label="full length - 1 (report)")
     if result["chosen"]:
         ax.plot(result["chosen"]["macs"] / 1e9, score_of(result["chosen"]["report"]), "kx", ms=10, label="chosen")
     ax.set_xlabel("GMACs (batch 1)")
