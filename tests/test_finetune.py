@@ -117,3 +117,25 @@ def test_existing_output_needs_force(tmp_path):
     out.mkdir()
     result = CliRunner().invoke(main, ["finetune", "--task", "squad", "--out", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_same_seed_same_model_whatever_came_before(tiny_model_dir, tmp_path):
+    """A base encoder's new task head is initialised from the run's seed, not from the global RNG state."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    base = tmp_path / "base"  # an encoder without a QA head, like the packaged MiniLM
+    BertModel(BertConfig.from_pretrained(tiny_model_dir)).save_pretrained(base)
+    for f in tiny_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, base / f.name)
+    cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=8)
+    weights = []
+    for name in ("a", "b"):
+        torch.rand(7)  # move the global RNG between the runs
+        _run(base, tmp_path / name, cfg=cfg)
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -72,6 +72,7 @@ def finetune(*, task: str, model_dir: Path | None, train_path: Path, eval_path: 
     else:
         labels, data = prepare.classify_split(train_path, tokenizer, max_seq_length, None, columns,
                                               max_train_examples, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the task head is initialised here, before training seeds anything
     model = load_model(model_dir, task, labels)
     check_seq_length(model.config, max_seq_length)
     losses = train(model, data, hf_loss, cfg, device, partial, resume, desc=f"finetune {task}")
