@@ -126,7 +126,6 @@ class Scorer:
                     f.write(json.dumps({"length_config": list(key), "metrics": metrics}) + "\n")
         return self.cache[key]
 
-
     def _sample(self) -> dict[str, np.ndarray]:
         """Two rows of model inputs from the split, to trace an ONNX graph with."""
         if self.task == "squad":
@@ -136,10 +135,10 @@ class Scorer:
 
 def resolve_engine(engine: str, device: torch.device) -> str:
     """`auto`: ONNX Runtime on CPU (2.2-2.9x faster than eager PyTorch here), PyTorch on CUDA."""
-    if engine == "ort" and device.type != "cpu":
-        raise ToolchainError("--engine ort scores on the CPU; use --device cpu (or --engine torch on CUDA)")
     if engine not in ("auto", "ort", "torch"):
         raise ToolchainError(f"unknown engine {engine!r}; choose auto, ort or torch")
+    if engine == "ort" and device.type != "cpu":
+        raise ToolchainError("--engine ort scores on the CPU; use --device cpu (or --engine torch on CUDA)")
     return engine if engine != "auto" else ("ort" if device.type == "cpu" else "torch")
 
 

@@ -125,9 +125,9 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     else:
         _, arrays = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
         metrics, _ = evaluate_classify(run, arrays)
-    new_meta = {**meta, "max_seq_length": seq, "length_adaptive": True, "keep_cls": model.keep_cls, "parent": str(model_dir),
-                "train_lat": {**asdict(cfg), **asdict(sandwich), "train_examples": max_train_examples,
-                                  "train_skip": train_skip, "max_seq_length": seq}}
+    new_meta = {**meta, "max_seq_length": seq, "length_adaptive": True, "keep_cls": model.keep_cls,
+                "parent": str(model_dir), "train_lat": {**asdict(cfg), **asdict(sandwich),
+                                                        "train_examples": max_train_examples, "train_skip": train_skip}}
     summary = {**metrics, "eval_data": str(eval_path), "train_seconds": round(seconds, 1), "steps": len(losses),
                "loss_first": losses[0], "loss_last_20": sum(losses[-20:]) / len(losses[-20:])}
     save_checkpoint(model.hf_model.cpu(), tokenizer, out_dir, new_meta, {"metrics.json": summary})
