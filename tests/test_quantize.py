@@ -78,7 +78,9 @@ def test_cpu_int8_joins_the_manifest_and_tracks_fp32(bundle):
         q = stored["quantization"]
         assert q["calibration"]["samples"] == 16 and q["fallback_units"] == q["trials"][-1]["fallback_units"]
         assert stored["size_bytes"] <= 0.35 * parent["size_bytes"]
-        assert "QLinearMatMul" in op_types(graph_path(bundle, stored))
+        integer = [n for n in onnx.load(str(graph_path(bundle, stored))).graph.node
+                   if n.op_type == "MatMulIntegerToFloat"]  # static INT8 MatMuls with fp32 outputs
+        assert integer and all(len(n.input) == 7 and n.input[6] for n in integer)  # each with its bias folded in
         assert_tracks_fp32(bundle, stored, feed)
 
 
@@ -145,8 +147,8 @@ def score_int8_lower(monkeypatch, unless_fp32=()):
     class Tagged:
         def __init__(self, path, ep):
             graph = onnx.load(str(path), load_external_data=False).graph
-            kept = {n.name for n in quantize.weight_nodes(graph)}  # fp32, or weight-only INT8 (MatMulNBits, "_Q8")
-            kept |= {n.name.removesuffix("_Q8") for n in graph.node if n.op_type == "MatMulNBits"}
+            kept = {n.name for n in quantize.weight_nodes(graph)}  # fp32, or dynamic INT8 (MatMulInteger, "_quant")
+            kept |= {n.name.removesuffix("_quant") for n in graph.node if n.op_type == "MatMulInteger"}
             int8 = "QuantizeLinear" in op_types(path)
             self.run, self.lowered = real_runner(path, ep), int8 and not (unless_fp32 and kept >= set(unless_fp32))
 
@@ -161,18 +163,18 @@ def score_int8_lower(monkeypatch, unless_fp32=()):
     monkeypatch.setattr(quantize, "evaluate_squad", lowered)
 
 
-def test_fallback_makes_the_failing_unit_weight_only_int8(bundle, monkeypatch):
+def test_fallback_makes_the_failing_unit_dynamic_int8(bundle, monkeypatch):
     units = quantize.fallback_units(onnx.load(str(bundle / "lat-full.onnx"), load_external_data=False).graph)
     score_int8_lower(monkeypatch, units["ffn-out"])
     (entry,) = quantize.quantize_bundle(bundle, SQUAD_TRAIN_SLICE, SQUAD_DEV_SLICE, graphs=["lat-full"],
                                         **{**FAST, "tolerance": 1.0})
     q = entry["quantization"]
-    assert q["fallback_units"] == ["ffn-out"] and q["fallback"] == "weight-only int8" and q["fp32_nodes"] == []
-    assert sorted(q["weight_only"]["nodes"]) == sorted(units["ffn-out"]) and q["weight_only"]["bits"] == 8
+    assert q["fallback_units"] == ["ffn-out"] and q["fallback"] == "dynamic int8" and q["fp32_nodes"] == []
+    assert sorted(q["dynamic"]["nodes"]) == sorted(units["ffn-out"])
     assert [t["fallback_units"] for t in q["trials"]] == [[], ["ffn-out"]]
     assert (entry["metrics"]["f1"], entry["metrics"]["fp32"]["f1"]) == (50.0, 50.0)
     graph = onnx.load(str(graph_path(bundle, entry))).graph
-    assert sorted(n.name for n in graph.node if n.op_type == "MatMulNBits") == sorted(f"{n}_Q8" for n in units["ffn-out"])
+    assert sorted(n.name for n in graph.node if n.op_type == "MatMulInteger") == sorted(f"{n}_quant" for n in units["ffn-out"])
     assert not [n for n in quantize.weight_nodes(graph) if n.op_type == "MatMul"]
     monkeypatch.undo()
     assert_tracks_fp32(bundle, entry, dev_feed(bundle))

@@ -12,24 +12,25 @@ per trial (FALLBACK order) until the INT8 graph's F1 (SQuAD) or accuracy (classi
 is within ``tolerance`` points of the fp32 graph's. The new graphs join the bundle only once every selected graph
 has passed; on any failure the bundle is left as it was.
 
-On the CPU a MatMul that static INT8 leaves out is not kept in fp32 but stored 8-bit weight-only: ONNX Runtime's
-``MatMulNBits`` (int8 weights in blocks of 128 along K; accuracy level 4 quantizes the activations per block at
-run time and multiplies in int8). Every trial is scored in that form. Per-block activation scales survive the
-GELU output's outliers that one per-tensor static scale does not. Measured on lat-full of the 256-trained LA
-model (seq 384, 2,000 report-split questions, fp32 F1 52.98): FFN out static INT8 47.62, FFN out fp32 53.20,
-FFN out weight-only 53.18 (blocks of 128) / 52.78 (blocks of 32); the file went from 37% to 26% of fp32, and
-batch-1 latency (interleaved, 40 runs) was 19.3 ms (blocks of 128) vs 19.8 ms with FFN out in fp32 and 20.7 ms
-with blocks of 32 (fp32 graph 26.5 ms).
+On the CPU the static INT8 MatMuls keep fp32 outputs (``MatMulIntegerToFloat``, Neural Compressor with MatMul
+output quantization off) with the following bias Add folded in, and a MatMul that static INT8 leaves out is quantized
+dynamically (int8 weights per output channel, uint8 activations with each run's range) instead of kept in fp32.
+Requantizing every MatMul output to uint8 (``QLinearMatMul``, INC's default) cost 3.7 F1 on lat-full of the
+384-trained LA model (2,000 report-split questions, fp32 56.28: 52.52) and needed the FFN output projections left
+out; with fp32 outputs every MatMul is static INT8 at 55.89. It is faster too: no DequantizeLinear after each
+MatMul, no separate bias pass, and ORT's GELU fusion still applies (lat-full batch 1, 2 threads, interleaved
+medians while a training job shared the cores: fp32 58.3 ms, requantized outputs with weight-only FFN out 36.2 ms,
+fp32 outputs 30.3 ms, + folded biases 28.2 ms). INC also leaves the attention (activation x activation) MatMuls in
+fp32: it quantizes such a MatMul only when an input already is, which its bias Add (fp32 here) prevents. Quantizing
+the Adds too makes them INT8 but slower (all-QLinear attention and no GELU/FusedMatMul fusions: 50.2 vs 42.5 ms at
+one thread).
 
 Formats per target:
 
-- ``cpu`` (VNNI): U8S8 (uint8 activations, int8 weights), QOperator. Measured on MiniLM-L6-H384 at seq 384,
-  batch 1, 2 threads, ORT 1.31.1, on this 2-core Zen 4 while a training job held both cores (2026-11-21; medians
-  of 60-100 interleaved runs, intra-op spinning off): random QA head, all INT8: QOperator 38.9 ms, QDQ 38.6 ms,
-  fp32 56.4 ms; paired QDQ/QOperator ratio 0.996 (full length), 1.011 (a 300..100-token configuration), 1.001 and
-  1.007 (fine-tuned, per-channel), 0.986-0.992 (FFN out kept fp32). The formats tie within 1.5%; QOperator is kept
-  (the slightly smaller file, no QDQ fusion at load time). All-INT8 is 1.41-1.45x faster than fp32; with FFN out
-  and Q/K/V kept in fp32 (what tolerance 1.0 needed on the fine-tuned MiniLM) it is no faster than fp32.
+- ``cpu`` (VNNI): U8S8 (uint8 activations, int8 weights), QOperator. With requantized MatMul outputs the two formats
+  tied within 1.5% (MiniLM-L6-H384, seq 384, batch 1, 2 threads, ORT 1.31.1, medians of 60-100 interleaved runs).
+  With fp32 outputs QDQ is slower: ORT dequantizes the whole embedding table before its Gather on every run (5.3 ms
+  of 39.4 at one thread, lat-full), where a QOperator Gather reads the uint8 rows and dequantizes only those (32.5 ms).
 - ``cuda``: S8S8 QDQ (symmetric int8 activations and weights). ORT's CUDA EP has no QLinear* kernels; a
   QOperator graph would silently fall back to the CPU.
 """
@@ -51,8 +52,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 from onnx_neural_compressor.quantization import config, tuning
-from onnxruntime.quantization import QuantFormat, QuantType
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from toolchain.bench import ort_session
@@ -65,7 +65,8 @@ from toolchain.models import read_meta
 CALIB_BATCH = 8
 FORMATS = {  # ep -> (manifest format, INC StaticQuantConfig arguments)
     "cpu": ("qoperator", dict(quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8,
-                              weight_type=QuantType.QInt8, execution_provider="CPUExecutionProvider")),
+                              weight_type=QuantType.QInt8, execution_provider="CPUExecutionProvider",
+                              extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})),
     "cuda": ("qdq", dict(quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                          execution_provider="CUDAExecutionProvider",
                          extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})),
@@ -75,7 +76,6 @@ FORMATS = {  # ep -> (manifest format, INC StaticQuantConfig arguments)
 # calibration rows, 200 dev questions: fp32 F1 49.0; all INT8 44.5; FFN out fp32 47.4; + Q/K/V fp32 50.6 (+ FFN in
 # instead 49.4, + attention out instead 47.7). The embeddings come last: they hold most of the size saving.
 FALLBACK = ("ffn-out", "qkv", "ffn-in", "attention-out", "head", "embeddings")
-WEIGHT_ONLY = dict(bits=8, block_size=128, is_symmetric=True, accuracy_level=4)  # MatMulNBits, CPU fallback
 NORMS = ("LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
          "SkipSimplifiedLayerNormalization")
 
@@ -116,11 +116,43 @@ def fallback_units(graph: onnx.GraphProto) -> dict[str, list[str]]:
     return {unit: nodes for unit, nodes in units.items() if nodes}
 
 
-def weight_only_int8(model: onnx.ModelProto) -> list[str]:
-    """Turn the model's fp32-weight MatMuls into 8-bit weight-only ``MatMulNBits`` (in place); returns their names."""
+def fold_bias(graph: onnx.GraphProto) -> int:
+    """Move each ``MatMulIntegerToFloat -> Add(bias)`` pair's bias into the MatMul's optional bias input (in place).
+
+    ONNX Runtime fuses this pair only in dynamically quantized graphs; in a static one the Add is a separate pass over
+    the output. Returns the number of Adds removed.
+    """
+    vectors = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    folded = []
+    for node in graph.node:
+        if node.op_type != "MatMulIntegerToFloat" or len(node.input) > 6 or len(readers.get(node.output[0], [])) != 1:
+            continue
+        (add,) = readers[node.output[0]]
+        bias = [i for i in add.input if i != node.output[0]]
+        if add.op_type != "Add" or len(bias) != 1 or bias[0] not in vectors:
+            continue
+        node.input.extend([""] * (6 - len(node.input)) + bias)
+        node.output[0] = add.output[0]
+        folded.append(add)
+    for add in folded:
+        graph.node.remove(add)
+    return len(folded)
+
+
+def cpu_graph(model: onnx.ModelProto, out: Path) -> list[str]:
+    """Save INC's CPU graph to ``out`` with the biases folded into the integer MatMuls and the MatMuls static INT8
+    left out (fp32 weights) dynamically quantized; returns those MatMuls' names."""
+    fold_bias(model.graph)
     names = [n.name for n in weight_nodes(model.graph) if n.op_type == "MatMul"]
     if names:
-        MatMulNBitsQuantizer(model, nodes_to_include=names, **WEIGHT_ONLY).process()
+        quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=names, per_channel=True,
+                         weight_type=QuantType.QInt8)
+    else:
+        onnx.save(model, out)
     return names
 
 
@@ -240,9 +272,9 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
             return fp32[metric]
         model = onnx.load(path)
         kept = {n.name for n in weight_nodes(model.graph)}
-        if ep == "cpu" and weight_only_int8(model):
-            path = str(work / f"{name}.trial.onnx")
-            onnx.save(model, path)
+        if ep == "cpu":
+            cpu_graph(model, trial := work / f"{name}.trial.onnx")
+            path = str(trial)
         trials.append({"fallback_units": [u for u, nodes in units.items() if kept.issuperset(nodes)],
                        "fp32_nodes": sorted(kept), "metrics": evaluate(_runner(path, ep))})
         return trials[-1]["metrics"][metric]
@@ -269,11 +301,14 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
             f"{len(trials)} trials; {reached}. The fp32 graph stays the answer and the bundle is unchanged "
             "(allow more trials or a larger tolerance)")
     out = work / f"{name}.int8.onnx"
-    weight_only = weight_only_int8(model) if ep == "cpu" else []
     for tensor in model.graph.initializer:  # INC leaves INT8 tables in int32_data, a varint per value: store raw bytes
         if tensor.int32_data:
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-    onnx.save(model, out)
+    if ep == "cpu":
+        dynamic = cpu_graph(model, out)
+    else:
+        dynamic = []
+        onnx.save(model, out)
     accepted, seconds = trials[-1], time.perf_counter() - t0
     quantization = {
         "tool": f"onnx-neural-compressor {version('onnx-neural-compressor')}", "format": fmt,
@@ -282,9 +317,10 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
         "calibration": {"method": "MinMax", "samples": len(calib["input_ids"]), "seq_len": entry["max_seq_length"],
                         "preprocess": "onnxruntime quant_pre_process"},
         "tolerance": tolerance, "metric": metric, "fallback_units": accepted["fallback_units"],
-        "fallback": "weight-only int8" if ep == "cpu" else "fp32",
-        "fp32_nodes": sorted(set(accepted["fp32_nodes"]) - set(weight_only)),
-        "weight_only": {"op": "com.microsoft.MatMulNBits", **WEIGHT_ONLY, "nodes": weight_only},
+        "fallback": "dynamic int8" if ep == "cpu" else "fp32",
+        "fp32_nodes": sorted(set(accepted["fp32_nodes"]) - set(dynamic)),
+        "dynamic": {"op": "com.microsoft.DynamicQuantizeMatMul", "activations": "uint8 per tensor, range of each run",
+                    "weights": "int8 per output channel", "nodes": dynamic},
         "trials": [{"fallback_units": t["fallback_units"], metric: t["metrics"][metric]} for t in trials],
         "size_ratio": round(out.stat().st_size / fp32_path.stat().st_size, 4), "seconds": round(seconds, 1),
     }
