@@ -210,7 +210,7 @@ def test_quantized_depth_graph_keeps_its_depth_and_is_served_on_vnni(copy):
         "geep-depth2-int8-cpu", "geep-exit", 2, "geep-depth2")
     assert (entry["precision"], entry["format"], entry["max_seq_length"]) == ("int8", "qoperator", SEQ)
     assert entry["metrics"]["examples"] == entry["metrics"]["fp32"]["examples"] == 16
-    assert "QLinearMatMul" in {n.op_type for n in onnx.load(str(graph_path(copy, entry))).graph.node}
+    assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load(str(graph_path(copy, entry))).graph.node}
 
     assert GeepPredictor(copy, hardware=CPU).graphs[2]["name"] == "geep-depth2"
     predictor = GeepPredictor(copy, hardware=VNNI)
