@@ -116,11 +116,11 @@ def fallback_units(graph: onnx.GraphProto) -> dict[str, list[str]]:
     return {unit: nodes for unit, nodes in units.items() if nodes}
 
 
-def fold_bias(graph: onnx.GraphProto) -> int:
+def fold_bias(graph: onnx.GraphProto) -> None:
     """Move each ``MatMulIntegerToFloat -> Add(bias)`` pair's bias into the MatMul's optional bias input (in place).
 
     ONNX Runtime fuses this pair only in dynamically quantized graphs; in a static one the Add is a separate pass over
-    the output. Returns the number of Adds removed.
+    the output.
     """
     vectors = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 1}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -140,7 +140,6 @@ def fold_bias(graph: onnx.GraphProto) -> int:
         folded.append(add)
     for add in folded:
         graph.node.remove(add)
-    return len(folded)
 
 
 def cpu_graph(model: onnx.ModelProto, out: Path) -> list[str]:
