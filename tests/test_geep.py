@@ -326,6 +326,20 @@ def test_train_geep_checkpoint_reloads(geep_checkpoint, tokenizer):
         load_geep(model_dir)
 
 
+def test_train_geep_is_reproducible(geep_checkpoint, tmp_path):
+    """Same seed, same weights: the heads are initialised from the seed, not from whatever ran before."""
+    from safetensors.torch import load_file
+
+    model_dir, out, _ = geep_checkpoint
+    torch.rand(7)  # move the global RNG on
+    again = tmp_path / "again"
+    train_geep(model_dir=model_dir, train_path=SST2_TRAIN_SLICE, eval_path=SST2_DEV_SLICE, out_dir=again,
+               columns=Columns(), max_seq_length=32, max_train_examples=16, max_eval_examples=16,
+               cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=8), device_name="cpu")
+    first, second = load_file(str(out / "geep_heads.safetensors")), load_file(str(again / "geep_heads.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.parametrize("backend", ["torch", "ort"])
 def test_sweep_geep(geep_checkpoint, tmp_path, backend):
     _, ckpt, metrics = geep_checkpoint

@@ -282,6 +282,7 @@ def train_geep(*, model_dir: Path | None, train_path: Path, eval_path: Path, out
 
     t0 = time.time()
     labels, data = prepare.classify_split(train_path, tokenizer, max_seq_length, None, columns, max_train_examples, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the heads are initialised here, before training seeds anything
     model = GeepModel(load_model(model_dir, "classify", labels), pooling=pooling)
     loss_fn = partial(shared_exit_loss, weights=depth_weights, student_weight=student_weight)
     depth_loss_weights(model.num_layers, depth_weights)  # bad weights fail now, not inside the loop
