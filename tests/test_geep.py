@@ -208,6 +208,32 @@ def test_exit_table_tune_save_load(tmp_path):
         ExitTable.load(tmp_path / "missing.npz")
 
 
+def test_exit_table_tune_accuracy_takes_the_fewest_layers_within_tolerance():
+    # sample n is answered right from depth NEED[n] on (the last layer gets all right): full accuracy 100
+    need = np.array(MAX)
+    correct = np.arange(1, 5)[None, :] >= need[:, None]
+    table = hand_table()
+    best = table.tune_accuracy(QUERIES, QUERY_MASK, correct, tolerance=0.0)
+    # only predictions >= NEED everywhere keep 100%; the cheapest of them is NEED itself ('max', shift 0)
+    np.testing.assert_array_equal(table.predict(QUERIES, QUERY_MASK), need)
+    assert best["accuracy"] == best["full_accuracy"] == 100.0 and best["within_tolerance"]
+    assert best["mean_exit"] == pytest.approx(need.mean())
+
+    # a tolerance of two samples in six buys fewer layers, and the accuracy stays within it
+    best = table.tune_accuracy(QUERIES, QUERY_MASK, correct, tolerance=34.0)
+    pred = table.predict(QUERIES, QUERY_MASK)
+    assert best["within_tolerance"] and best["mean_exit"] == pytest.approx(pred.mean()) and pred.mean() < need.mean()
+    assert best["accuracy"] == pytest.approx(100.0 * (pred >= need).mean()) and best["accuracy"] >= 66.0
+
+    # no candidate within tolerance: the most accurate one (50% vs 17%), flagged
+    best = table.tune_accuracy(QUERIES, QUERY_MASK, correct, 0.0, candidates=[("mean", -3.0), ("max", -0.5)])
+    assert (best["aggregation"], best["shift"], best["within_tolerance"]) == ("max", -0.5, False)
+    with pytest.raises(ToolchainError, match=r"\[samples, layers\] = \[6, 4\]"):
+        table.tune_accuracy(QUERIES, QUERY_MASK, correct[:, :3])
+    with pytest.raises(ToolchainError, match="tolerance must be >= 0"):
+        table.tune_accuracy(QUERIES, QUERY_MASK, correct, tolerance=-1.0)
+
+
 @pytest.mark.parametrize("aggregation,shift", [("mean", 0.0), ("max", 0.0), ("mean", 0.5), ("max", -1.0),
                                                ("quantile:0.5", 0.0), ("quantile:0.9", -0.5), ("quantile:0", 0.0),
                                                ("quantile:1", 0.5), ("quantile:0.75", 1.0)])
@@ -356,6 +382,8 @@ def test_sweep_geep(geep_checkpoint, tmp_path, backend):
         if r["method"] == "geep":
             assert set(r["exit_accuracy"]) == {"exact", "within_1"}
             assert (r["exit_table"]["tuned"] is not None) == (aggregation == "auto")
+            if aggregation == "auto":  # tuned for accuracy (the default) on held-out training samples
+                assert {"accuracy", "mean_exit", "within_tolerance"} <= set(r["exit_table"]["tuned"])
     table = ExitTable.load(tmp_path / "exit_table-speed0.9.npz", tokenizer_vocab_size=30522)
     assert table.exit_histogram.sum() == 24
     for name in ("results.json", "accuracy-vs-throughput.png", "exit_predictor-speed0.5.onnx"):

@@ -29,9 +29,9 @@ from toolchain.runtime import Bundle, GeepPredictor, Hardware
 from toolchain.training import TrainConfig
 
 SEQ, TRAIN, DEV = 32, 48, 24
-# layer 1's students sit at normalized entropy 0.90-0.97 here: at 0.95 most samples exit there, the rest at 3; the
-# max aggregation then predicts depth 2 or 3 for the dev texts (the mean one would send all to one depth)
-SPEED, AGGREGATION = 0.95, "max"
+# the students of layers 1-2 sit at normalized entropy 0.977-0.999 here: at 0.99 the training samples exit at all three
+# depths (5 / 26 / 17), and the max aggregation then predicts depth 2 or 3 for the dev texts (7 / 17)
+SPEED, AGGREGATION = 0.99, "max"
 EXPORT = dict(max_train_examples=TRAIN, max_eval_examples=DEV, aggregation=AGGREGATION)
 CPU = Hardware()  # no VNNI: fp32 only
 VNNI = Hardware(isa=("AVX512-VNNI",))
@@ -173,9 +173,13 @@ def test_predictor_errors(bundle, copy):
         GeepPredictor(copy, hardware=CPU)
 
 
-def test_bad_speed_and_existing_output_write_nothing(checkpoint, tmp_path):
+def test_bad_speed_tuning_and_existing_output_write_nothing(checkpoint, tmp_path):
     with pytest.raises(ToolchainError, match="speed"):
         export_geep_bundle(checkpoint, SST2_TRAIN_SLICE, SST2_DEV_SLICE, tmp_path / "b", 1.5, **EXPORT)
+    with pytest.raises(ToolchainError, match="unknown tuning target 'f1'; choose accuracy or exits"):
+        export_geep_bundle(checkpoint, SST2_TRAIN_SLICE, SST2_DEV_SLICE, tmp_path / "b", SPEED, **EXPORT, tune_for="f1")
+    with pytest.raises(ToolchainError, match="tolerance must be >= 0"):
+        export_geep_bundle(checkpoint, SST2_TRAIN_SLICE, SST2_DEV_SLICE, tmp_path / "b", SPEED, **EXPORT, tolerance=-1)
     assert not (tmp_path / "b").exists()
     out = tmp_path / "existing"
     out.mkdir()

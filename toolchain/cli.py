@@ -337,12 +337,16 @@ def train_geep_cmd(model_dir, train_data, eval_data, out_dir, max_seq_length, de
 @click.option("--max-train-examples", type=POSITIVE, default=None)
 @click.option("--max-eval-examples", type=POSITIVE, default=None)
 @click.option("--aggregation", default="auto", show_default=True, help="auto | mean | max | quantile:Q")
+@click.option("--tune-for", type=click.Choice(["accuracy", "exits"]), default="accuracy", show_default=True,
+              help="auto aggregation: fewest layers within --tolerance of full-depth accuracy, or best exit agreement")
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="accuracy points below full depth that --tune-for accuracy may give up (held-out train samples)")
 @click.option("--backend", type=click.Choice(["torch", "ort"]), default="ort", show_default=True)
 @click.option("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="folder for results.json, the accuracy-vs-throughput PNG, table and graphs")
 def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_train_examples, max_eval_examples,
-                   aggregation, backend, device, out_dir):
+                   aggregation, tune_for, tolerance, backend, device, out_dir):
     """Throughput and accuracy of GEEP vs full depth vs FastBERT-style exit, across speeds and batch sizes."""
     from toolchain.geep_runtime import sweep_geep
 
@@ -353,7 +357,8 @@ def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_tra
     report = sweep_geep(checkpoint_dir=checkpoint_dir, train_path=train_data or _default_data("classify", "train"),
                         eval_path=eval_data or _default_data("classify", "dev"), speeds=speed_list,
                         batches=_int_list(batch, "--batch"), out_dir=out_dir, max_train_examples=max_train_examples,
-                        max_eval_examples=max_eval_examples, aggregation=aggregation, backend=backend,
+                        max_eval_examples=max_eval_examples, aggregation=aggregation, tune_for=tune_for,
+                        tolerance=tolerance, backend=backend,
                         device_name=device)
     click.echo(json.dumps(report["summary"], indent=2))
 
@@ -370,16 +375,20 @@ def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_tra
 @click.option("--max-train-examples", type=POSITIVE, default=None)
 @click.option("--max-eval-examples", type=POSITIVE, default=None)
 @click.option("--aggregation", default="auto", show_default=True, help="auto | mean | max | quantile:Q")
+@click.option("--tune-for", type=click.Choice(["accuracy", "exits"]), default="accuracy", show_default=True,
+              help="auto aggregation: fewest layers within --tolerance of full-depth accuracy, or best exit agreement")
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="accuracy points below full depth that --tune-for accuracy may give up (held-out train samples)")
 @click.option("--force", is_flag=True, help="replace an existing bundle")
 def export_geep_cmd(checkpoint_dir, speed, out_dir, train_data, eval_data, max_train_examples, max_eval_examples,
-                    aggregation, force):
+                    aggregation, tune_for, tolerance, force):
     """Export a GEEP checkpoint's per-depth graphs and exit predictor into a verified bundle."""
     from toolchain.bundle import load_manifest
     from toolchain.geep_export import export_geep_bundle
 
     out = export_geep_bundle(checkpoint_dir, train_data or _default_data("classify", "train"),
                              eval_data or _default_data("classify", "dev"), out_dir, speed, max_train_examples,
-                             max_eval_examples, aggregation, force)
+                             max_eval_examples, aggregation, tune_for, tolerance, force)
     for g in load_manifest(out, verify=False)["graphs"]:
         m = g["metrics"]
         click.echo(f"{g['name']}\t{g['macs'] / 1e9:.3f} GMACs\taccuracy {m['accuracy']:.2f}" + (

@@ -12,12 +12,16 @@ Prediction. Over a sample's real, non-special tokens, aggregate the tokens' expe
 then add `shift`, round half up and clip to [1, num_layers]. A sample without such tokens gets `default`.
 Arithmetic is float32, and "half up" means floor(x + 0.5 + 1e-4), so that the ONNX graph of
 `export_predictor_onnx` (other summation order) rounds exact ties such as 2.5 the same way.
+
+Tuning picks (aggregation, shift) on held-out samples, either for agreement with their exit labels (`tune`)
+or for speed at a given accuracy (`tune_accuracy`: the smallest mean exit whose accuracy stays within a
+tolerance of the last layer's).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +30,12 @@ from toolchain.errors import ToolchainError
 
 Candidate = tuple[str, float]  # (aggregation, shift)
 HALF_UP = 0.5 + 1e-4
+AGGREGATIONS = ("mean", "max", "quantile:0.5", "quantile:0.75", "quantile:0.9")
 DEFAULT_CANDIDATES: tuple[Candidate, ...] = tuple(
-    (agg, shift) for agg in ("mean", "max", "quantile:0.5", "quantile:0.75", "quantile:0.9")
-    for shift in (-1.0, -0.5, 0.0, 0.5, 1.0))
+    (agg, shift) for agg in AGGREGATIONS for shift in (-1.0, -0.5, 0.0, 0.5, 1.0))
+# accuracy tuning trades depth for accuracy, so it needs the finer and wider shift grid
+ACCURACY_CANDIDATES: tuple[Candidate, ...] = tuple(
+    (agg, shift / 4) for agg in AGGREGATIONS for shift in range(-12, 13))
 
 
 def parse_aggregation(aggregation: str) -> tuple[str, float | None]:
@@ -135,16 +142,47 @@ class ExitTable:
         Ties go to the better exact accuracy, then to the smaller mean predicted exit (faster).
         Returns {"aggregation", "shift", "exact", "within_1"}.
         """
+        def rank(pred: np.ndarray) -> tuple[tuple, dict]:
+            acc = exit_accuracy(pred, true_exits)
+            return (acc["within_1"], acc["exact"], -float(pred.mean())), acc
+
+        return self._select(input_ids, attention_mask, candidates, rank)
+
+    def tune_accuracy(self, input_ids: np.ndarray, attention_mask: np.ndarray, correct: np.ndarray,
+                      tolerance: float = 1.0, candidates: Sequence[Candidate] = ACCURACY_CANDIDATES) -> dict:
+        """Keep the (aggregation, shift) with the smallest mean predicted exit whose accuracy on held-out samples
+        is within `tolerance` points of the last layer's; if none is, the most accurate one.
+
+        `correct[n, k - 1]` says whether the classifier at depth k gets sample n right. Ties go to the more
+        accurate candidate. Returns {"aggregation", "shift", "accuracy", "mean_exit", "full_accuracy", "within_tolerance"}.
+        """
+        correct = np.asarray(correct, dtype=bool)
+        if correct.shape != (len(input_ids), self.num_layers):
+            raise ToolchainError(f"need [samples, layers] = [{len(input_ids)}, {self.num_layers}] correctness, "
+                                 f"got {correct.shape}")
+        if not tolerance >= 0:
+            raise ToolchainError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
+        full = 100.0 * float(correct[:, -1].mean())
+
+        def rank(pred: np.ndarray) -> tuple[tuple, dict]:
+            accuracy, mean_exit = 100.0 * float(correct[np.arange(len(pred)), pred - 1].mean()), float(pred.mean())
+            ok = accuracy >= full - tolerance - 1e-9
+            return ((ok, -mean_exit, accuracy) if ok else (ok, accuracy, -mean_exit),
+                    {"accuracy": accuracy, "mean_exit": mean_exit, "full_accuracy": full, "within_tolerance": ok})
+
+        return self._select(input_ids, attention_mask, candidates, rank)
+
+    def _select(self, input_ids: np.ndarray, attention_mask: np.ndarray, candidates: Sequence[Candidate],
+                rank: Callable[[np.ndarray], tuple[tuple, dict]]) -> dict:
+        """Set and return the candidate whose predictions rank highest (first one on ties)."""
         if not candidates:
             raise ToolchainError("no (aggregation, shift) candidates to tune over")
         best, best_key = None, None
         for aggregation, shift in candidates:
             self.set_aggregation(aggregation, shift)
-            pred = self.predict(input_ids, attention_mask)
-            acc = exit_accuracy(pred, true_exits)
-            key = (acc["within_1"], acc["exact"], -float(pred.mean()) if pred.size else 0.0)
+            key, info = rank(self.predict(input_ids, attention_mask))
             if best_key is None or key > best_key:
-                best, best_key = {"aggregation": aggregation, "shift": float(shift), **acc}, key
+                best, best_key = {"aggregation": aggregation, "shift": float(shift), **info}, key
         self.set_aggregation(best["aggregation"], best["shift"])
         return best
 

@@ -3,7 +3,8 @@
 The bundle holds one ONNX graph per exit depth (the encoder truncated there plus the shared classifier), each
 checked against PyTorch on dev rows, and the exit-predictor graph of the exit table fit at one `speed` exactly as
 `bench-geep` fits it (`ExitProfile.fit_table`: the training samples' FastBERT exits at that entropy threshold; with
-aggregation `auto` the aggregation and shift are tuned on a held-out fifth). Layout and manifest: graphs/README.md.
+aggregation `auto` the aggregation and shift are tuned on a held-out fifth, by default for the fewest layers at an
+accuracy within `tolerance` of full depth). Layout and manifest: graphs/README.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from toolchain.errors import ToolchainError
 from toolchain.exit_predictor import exit_accuracy, export_predictor_onnx
 from toolchain.export import OPSET, check_parity, parity_cases
 from toolchain.geep import TruncatedGeep, accuracy_by_depth, check_speed
-from toolchain.geep_runtime import (INPUT_NAMES, bucketed_predict, check_aggregation, export_depth_graphs,
+from toolchain.geep_runtime import (INPUT_NAMES, bucketed_predict, check_aggregation, check_tuning, export_depth_graphs,
                                     ort_depth_runner, ort_exit_predictor, ort_session, profile_exits)
 from toolchain.macs import count_macs
 
@@ -37,7 +38,8 @@ def depth_macs(config: PretrainedConfig, depth: int, seq: int, num_labels: int) 
 
 def export_geep_bundle(checkpoint_dir: str | Path, train_path: str | Path, eval_path: str | Path,
                        out_dir: str | Path, speed: float, max_train_examples: int | None = None,
-                       max_eval_examples: int | None = None, aggregation: str = "auto", force: bool = False) -> Path:
+                       max_eval_examples: int | None = None, aggregation: str = "auto", tune_for: str = "accuracy",
+                       tolerance: float = 1.0, force: bool = False) -> Path:
     """Write the bundle of a `train-geep` checkpoint at `out_dir` (replacing an existing one only with `force`).
 
     Nothing is written unless every depth graph matches PyTorch (max |logit difference| <= 1e-4, same labels)
@@ -45,13 +47,14 @@ def export_geep_bundle(checkpoint_dir: str | Path, train_path: str | Path, eval_
     """
     speed = check_speed(speed)
     check_aggregation(aggregation)
+    check_tuning(tune_for, tolerance)
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if out_dir.exists() and not force:
         raise ToolchainError(f"output {out_dir} already exists (use --force to replace it)")
     profile = profile_exits(checkpoint_dir, train_path, eval_path, max_train_examples, max_eval_examples)
     model, seq, dev = profile.model, profile.seq, profile.dev
     inputs = {k: dev[k] for k in INPUT_NAMES}
-    table, tuned = profile.fit_table(speed, aggregation)
+    table, tuned = profile.fit_table(speed, aggregation, tune_for, tolerance)
     accuracy = accuracy_by_depth(profile.dev_teacher, dev["labels"])
     scored = {"examples": len(dev["labels"]), "data": str(eval_path)}
     common = {"length_config": None, "max_seq_length": seq, "precision": "fp32", "format": "fp32", "ep": "cpu",

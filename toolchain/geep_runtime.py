@@ -5,7 +5,7 @@ A *depth runner* `run_at_depth(depth, inputs) -> logits [B, C]` hides the backen
 `export_depth_graphs`). An *exit predictor* maps inputs to 1-based depths [N] (`ExitTable.predict` or the
 predictor's ONNX graph, `ort_exit_predictor`). Baselines: the full-depth model, and FastBERT's layer-by-layer
 dynamic exit with a shrinking batch. `bench_geep` scores and times all three on a dev set. `profile_exits` (an
-`ExitProfile`: checkpoint, splits, students' logits) is where both `sweep_geep` and `export-geep` fit exit tables.
+`ExitProfile`: checkpoint, splits, students' and shared classifier's logits) is where both `sweep_geep` and `export-geep` fit exit tables.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ Inputs = dict[str, np.ndarray]
 DepthRunner = Callable[[int, Inputs], np.ndarray]
 ExitPredictor = Callable[[Inputs], np.ndarray]
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+TUNE_FOR = ("accuracy", "exits")  # what an 'auto' exit aggregation is tuned for
 T = TypeVar("T")
 
 
@@ -264,8 +265,11 @@ def _scores(logits: np.ndarray, depths: np.ndarray, labels: np.ndarray, seconds:
 
 
 def _fit_table(train: Inputs, exits: np.ndarray, num_layers: int, vocab: int, specials: list[int],
-               aggregation: str, tune_fraction: float = 0.2) -> tuple[ExitTable, dict | None]:
-    """Fit the exit table; with aggregation 'auto', tune (aggregation, shift) on a held-out part first."""
+               aggregation: str, correct: np.ndarray | None = None, tolerance: float = 1.0,
+               tune_fraction: float = 0.2) -> tuple[ExitTable, dict | None]:
+    """Fit the exit table; with aggregation 'auto', tune (aggregation, shift) on a held-out part first: for
+    accuracy within `tolerance` of full depth when `correct` ([N, L] per-depth correctness) is given, else
+    for agreement with the exit labels."""
     ids, mask = train["input_ids"], train["attention_mask"]
     tuned = None
     table = ExitTable(vocab, num_layers)
@@ -275,7 +279,9 @@ def _fit_table(train: Inputs, exits: np.ndarray, num_layers: int, vocab: int, sp
             raise ToolchainError("need at least 2 training examples to tune the exit aggregation")
         order = np.random.default_rng(0).permutation(len(ids))
         fit, tune = order[held_out:], order[:held_out]
-        tuned = table.fit(ids[fit], mask[fit], exits[fit], specials).tune(ids[tune], mask[tune], exits[tune])
+        table.fit(ids[fit], mask[fit], exits[fit], specials)
+        tuned = (table.tune(ids[tune], mask[tune], exits[tune]) if correct is None
+                 else table.tune_accuracy(ids[tune], mask[tune], correct[tune], tolerance))
         table = ExitTable(vocab, num_layers)
         table.set_aggregation(tuned["aggregation"], tuned["shift"])
     else:
@@ -290,11 +296,19 @@ def check_aggregation(aggregation: str) -> str:
     return aggregation
 
 
+def check_tuning(tune_for: str, tolerance: float) -> None:
+    """What 'auto' aggregation tunes for: 'accuracy' (within `tolerance` points of full depth) or 'exits'."""
+    if tune_for not in TUNE_FOR:
+        raise ToolchainError(f"unknown tuning target {tune_for!r}; choose {' or '.join(TUNE_FOR)}")
+    if not tolerance >= 0:
+        raise ToolchainError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
+
+
 @dataclass(frozen=True)
 class ExitProfile:
-    """A GEEP checkpoint, its tokenized train/dev splits (dev with labels), the students' logits at every depth on
-    both and the shared classifier's on dev ([L, N, C]): what exit labels, exit tables, their dev exit accuracy and
-    the per-depth dev accuracy are built from."""
+    """A GEEP checkpoint, its tokenized train/dev splits (with labels), the students' logits at every depth on
+    both and the shared classifier's ([L, N, C]): what exit labels, exit tables, their tuning, their dev exit
+    accuracy and the per-depth dev accuracy are built from."""
 
     model: GeepModel
     tokenizer: object
@@ -303,13 +317,18 @@ class ExitProfile:
     train: Inputs
     dev: Inputs
     train_students: np.ndarray
+    train_teacher: np.ndarray
     dev_students: np.ndarray
     dev_teacher: np.ndarray
 
-    def fit_table(self, speed: float, aggregation: str) -> tuple[ExitTable, dict | None]:
-        """The exit table fit on the training samples' FastBERT exits at `speed` (and the tuning result for 'auto')."""
+    def fit_table(self, speed: float, aggregation: str, tune_for: str = "accuracy",
+                  tolerance: float = 1.0) -> tuple[ExitTable, dict | None]:
+        """The exit table fit on the training samples' FastBERT exits at `speed` (and the tuning result for 'auto':
+        for the shared classifier's accuracy within `tolerance` of full depth, or for agreement with the exits)."""
+        check_tuning(tune_for, tolerance)
+        correct = (self.train_teacher.argmax(-1) == self.train["labels"][None]).T if tune_for == "accuracy" else None
         return _fit_table(self.train, exit_layers(self.train_students, speed), self.model.num_layers,
-                          len(self.tokenizer), self.tokenizer.all_special_ids, aggregation)
+                          len(self.tokenizer), self.tokenizer.all_special_ids, aggregation, correct, tolerance)
 
     def dev_exits(self, speed: float) -> np.ndarray:
         """The dev samples' FastBERT exits at `speed`: what the predictor's exit accuracy is scored against."""
@@ -324,9 +343,9 @@ def profile_exits(checkpoint_dir: Path, train_path: Path, eval_path: Path, max_t
     seq = meta.get("max_seq_length", 128)
     _, train = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples)
     _, dev = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
+    train_teacher, train_students = depth_logits(model, train, 64, device)
     dev_teacher, dev_students = depth_logits(model, dev, 64, device)
-    return ExitProfile(model, tokenizer, meta, seq, train, dev, depth_logits(model, train, 64, device)[1],
-                       dev_students, dev_teacher)
+    return ExitProfile(model, tokenizer, meta, seq, train, dev, train_students, train_teacher, dev_students, dev_teacher)
 
 
 def _median_time(fn: Callable[[], T], repeats: int = 3) -> tuple[T, float]:
@@ -341,11 +360,13 @@ def _median_time(fn: Callable[[], T], repeats: int = 3) -> tuple[T, float]:
 
 def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speeds: list[float], batches: list[int],
                out_dir: Path, max_train_examples: int | None = None, max_eval_examples: int | None = None,
-               aggregation: str = "auto", backend: str = "ort", device_name: str = "cpu", repeats: int = 3) -> dict:
+               aggregation: str = "auto", tune_for: str = "accuracy", tolerance: float = 1.0, backend: str = "ort",
+               device_name: str = "cpu", repeats: int = 3) -> dict:
     """Accuracy and throughput of full depth, GEEP and FastBERT-style exit for every (speed, batch size).
 
     Exit labels are the students' FastBERT exits at each speed (train: for the table; dev: to report
-    the predictor's exit accuracy). All three methods run on the same backend (per-depth graphs for
+    the predictor's exit accuracy); an 'auto' aggregation is tuned on a held-out fifth of the training samples
+    for `tune_for` (see `ExitProfile.fit_table`). All three methods run on the same backend (per-depth graphs for
     full/GEEP, per-layer graphs for FastBERT on ORT), padding trimmed per batch. Writes results.json,
     accuracy-vs-throughput.png, the exit tables and the graphs into `out_dir`.
     """
@@ -356,6 +377,7 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
     if backend not in ("torch", "ort"):
         raise ToolchainError(f"unknown backend {backend!r}; choose torch or ort")
     check_aggregation(aggregation)
+    check_tuning(tune_for, tolerance)
     device = resolve_device(device_name)
     profile = profile_exits(checkpoint_dir, train_path, eval_path, max_train_examples, max_eval_examples, device)
     model, dev = profile.model, profile.dev
@@ -373,7 +395,7 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
         logits, t = _median_time(lambda: full_depth_predict(inputs, run_at_depth, L, batch), repeats)
         rows.append({"method": "full", "speed": None, "batch": batch, **_scores(logits, np.full(len(labels), L), labels, t)})
     for speed in speeds:
-        table, tuned = profile.fit_table(speed, aggregation)
+        table, tuned = profile.fit_table(speed, aggregation, tune_for, tolerance)
         table.save(out_dir / f"exit_table-speed{speed}.npz")
         predictor = ort_exit_predictor(ort_session(export_predictor_onnx(table, out_dir / f"exit_predictor-speed{speed}.onnx")))
         dev_exits = profile.dev_exits(speed)
