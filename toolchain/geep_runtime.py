@@ -5,7 +5,8 @@ A *depth runner* `run_at_depth(depth, inputs) -> logits [B, C]` hides the backen
 `export_depth_graphs`). An *exit predictor* maps inputs to 1-based depths [N] (`ExitTable.predict` or the
 predictor's ONNX graph, `ort_exit_predictor`). Baselines: the full-depth model, and FastBERT's layer-by-layer
 dynamic exit with a shrinking batch. `bench_geep` scores and times all three on a dev set. `profile_exits` (an
-`ExitProfile`: checkpoint, splits, students' and shared classifier's logits) is where both `sweep_geep` and `export-geep` fit exit tables.
+`ExitProfile`: checkpoint, splits, students' and shared classifier's logits) is where both `sweep_geep` and
+`export-geep` fit exit tables.
 """
 
 from __future__ import annotations
