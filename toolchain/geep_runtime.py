@@ -445,10 +445,15 @@ def _plot(rows: list[dict], path: Path) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.8), squeeze=False)
     for ax, batch in zip(axes[0], batches):
-        for method, style in (("full", "r*"), ("geep", "o-"), ("fastbert", "s--")):
-            pts = sorted((r["examples_per_second"], r["accuracy"]) for r in rows if r["method"] == method and r["batch"] == batch)
-            if pts:
-                ax.plot(*zip(*pts), style, label=method, ms=10 if method == "full" else 5)
+        full = next(r for r in rows if r["method"] == "full" and r["batch"] == batch)
+        ax.axhline(full["accuracy"] - 1.0, c="r", lw=0.8, ls=":", label="full depth - 1")
+        for method, style in (("full", "r*"), ("geep", "o"), ("fastbert", "s")):
+            pts = [r for r in rows if r["method"] == method and r["batch"] == batch]
+            ax.plot([r["examples_per_second"] for r in pts], [r["accuracy"] for r in pts], style, label=method,
+                    ms=10 if method == "full" else 5)
+            for r in pts if method != "full" else []:  # each point labelled with its speed
+                ax.annotate(f"{r['speed']:g}", (r["examples_per_second"], r["accuracy"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
         ax.set_title(f"batch {batch}")
         ax.set_xlabel("examples / s")
         ax.set_ylabel("accuracy (%)")
