@@ -50,6 +50,15 @@ def _columns_options(f):
                         help="classify: the file's first row names the columns")(f)
 
 
+def _exit_table_options(f):
+    """GEEP exit-table options shared by bench-geep and export-geep (`--aggregation auto` tunes as `--tune-for` says)."""
+    f = click.option("--tolerance", type=float, default=1.0, show_default=True,
+                     help="accuracy points below full depth that --tune-for accuracy may give up (held-out train samples)")(f)
+    f = click.option("--tune-for", type=click.Choice(["accuracy", "exits"]), default="accuracy", show_default=True,
+                     help="auto aggregation: fewest layers within --tolerance of full-depth accuracy, or best exit agreement")(f)
+    return click.option("--aggregation", default="auto", show_default=True, help="auto | mean | max | quantile:Q")(f)
+
+
 TASK = click.option("--task", type=click.Choice(["squad", "classify"]), required=True)
 POSITIVE = click.IntRange(min=1)
 
@@ -336,11 +345,7 @@ def train_geep_cmd(model_dir, train_data, eval_data, out_dir, max_seq_length, de
 @click.option("--batch", default="1,32,128", show_default=True)
 @click.option("--max-train-examples", type=POSITIVE, default=None)
 @click.option("--max-eval-examples", type=POSITIVE, default=None)
-@click.option("--aggregation", default="auto", show_default=True, help="auto | mean | max | quantile:Q")
-@click.option("--tune-for", type=click.Choice(["accuracy", "exits"]), default="accuracy", show_default=True,
-              help="auto aggregation: fewest layers within --tolerance of full-depth accuracy, or best exit agreement")
-@click.option("--tolerance", type=float, default=1.0, show_default=True,
-              help="accuracy points below full depth that --tune-for accuracy may give up (held-out train samples)")
+@_exit_table_options
 @click.option("--backend", type=click.Choice(["torch", "ort"]), default="ort", show_default=True)
 @click.option("--device", default="cpu", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
@@ -374,11 +379,7 @@ def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_tra
               help="parity rows and manifest metrics (default: SST-2 slice)")
 @click.option("--max-train-examples", type=POSITIVE, default=None)
 @click.option("--max-eval-examples", type=POSITIVE, default=None)
-@click.option("--aggregation", default="auto", show_default=True, help="auto | mean | max | quantile:Q")
-@click.option("--tune-for", type=click.Choice(["accuracy", "exits"]), default="accuracy", show_default=True,
-              help="auto aggregation: fewest layers within --tolerance of full-depth accuracy, or best exit agreement")
-@click.option("--tolerance", type=float, default=1.0, show_default=True,
-              help="accuracy points below full depth that --tune-for accuracy may give up (held-out train samples)")
+@_exit_table_options
 @click.option("--force", is_flag=True, help="replace an existing bundle")
 def export_geep_cmd(checkpoint_dir, speed, out_dir, train_data, eval_data, max_train_examples, max_eval_examples,
                     aggregation, tune_for, tolerance, force):
