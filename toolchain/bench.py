@@ -11,7 +11,6 @@ by this machine's measured GEMM peak for its precision.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -25,7 +24,9 @@ from tqdm.auto import tqdm
 
 from toolchain import bundle as bundles
 from toolchain.errors import ToolchainError
+from toolchain.files import write_text
 from toolchain.hardware import cpu_info, machine_summary
+from toolchain.search import pareto_front
 
 
 def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: int = 2, repeats: int = 10,
@@ -334,7 +335,8 @@ def compare_reports(previous: dict, current: dict, tolerance: float = 0.10) -> d
 
 
 def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
-    """F1 vs latency and F1 vs GMACs (ORT rows with a measured F1), frontier points joined."""
+    """F1 vs latency and F1 vs GMACs of the ORT rows with a measured F1: every graph a dot, the Pareto front (the
+    graphs no other graph beats on both axes) joined by a line, per precision."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,10 +347,13 @@ def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
     for x_key, label, name in (("latency_ms_median", f"ORT latency, batch {batch} (ms)", "f1-vs-latency.png"),
                                ("macs", "GMACs", "f1-vs-macs.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for precision, marker in (("fp32", "o"), ("int8", "s")):
-            pts = sorted((r[x_key] / (1e9 if x_key == "macs" else 1), r["f1"]) for r in rows if r["precision"] == precision)
+        for precision, marker, color in (("fp32", "o", "tab:blue"), ("int8", "s", "tab:orange")):
+            pts = {r["graph"]: (r[x_key] / (1e9 if x_key == "macs" else 1), r["f1"])
+                   for r in rows if r["precision"] == precision}
             if pts:
-                ax.plot(*zip(*pts), marker=marker, label=f"{precision}")
+                ax.scatter(*zip(*pts.values()), marker=marker, color=color, alpha=0.4, label=f"{precision}, every graph")
+                ax.plot(*zip(*(pts[g] for g in pareto_front(pts))), marker=marker, color=color,
+                        label=f"{precision}, Pareto front")
         ax.set_xlabel(label)
         ax.set_ylabel("F1 / accuracy")
         ax.grid(alpha=0.3)
@@ -363,20 +368,11 @@ def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
 
 def write_outputs(report: dict, json_out: Path | None, markdown_out: Path | None, plots_dir: Path | None) -> None:
     """Write each requested output atomically; an unwritable path is a clear error."""
-    def atomic(path: Path, text: str) -> None:
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except OSError as e:
-            raise ToolchainError(f"cannot write {path}: {e}") from None
-
     if json_out:
-        atomic(Path(json_out), json.dumps(report, indent=2))
+        write_text(json_out, json.dumps(report, indent=2))
     if markdown_out:
         batches = sorted({r["batch"] for r in report["results"]})
-        atomic(Path(markdown_out), "\n".join(f"### batch {b}\n\n{speedup_table(report, b)}" for b in batches))
+        write_text(markdown_out, "\n".join(f"### batch {b}\n\n{speedup_table(report, b)}" for b in batches))
     if plots_dir:
         Path(plots_dir).mkdir(parents=True, exist_ok=True)
         plot_bench(report, Path(plots_dir))

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from toolchain.errors import ToolchainError
+from toolchain.files import write_text
 from toolchain.hardware import cpu_info
 
 SCHEMA_VERSION = 1
@@ -132,17 +133,9 @@ def graph_path(bundle_dir: str | Path, entry: Mapping) -> Path:
     return _inside(Path(bundle_dir), entry["file"])
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a bundle is meant to be served
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def update_manifest(bundle_dir: str | Path, fn: Callable[[dict], dict | None]) -> dict:
@@ -151,7 +144,7 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[dict], dict | None]) -
     manifest = load_manifest(bundle_dir, verify=False)
     result = fn(manifest)
     manifest = _check_manifest(manifest if result is None else result, bundle_dir)
-    _write_json_atomic(bundle_dir / MANIFEST, manifest)
+    write_json(bundle_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -190,7 +183,7 @@ def write_bundle(out_dir: str | Path, entries: list[dict], files: Mapping[str, s
         manifest = {"schema_version": SCHEMA_VERSION, "task": task, "source_checkpoint": str(source_checkpoint),
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "graphs": graphs}
         _check_manifest(manifest, tmp)
-        _write_json_atomic(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, manifest)
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)

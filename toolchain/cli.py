@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from toolchain.errors import ToolchainError
+from toolchain.files import write_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: never wait on one
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -622,14 +623,7 @@ def _write_json(path: Path | None, obj) -> None:
     """Write JSON atomically (temp file, then rename)."""
     if path is None:
         return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ToolchainError(f"cannot write {path}: {e}") from None
+    write_text(path, json.dumps(obj, indent=2))
 
 
 if __name__ == "__main__":

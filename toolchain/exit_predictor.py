@@ -20,13 +20,13 @@ tolerance of the last layer's).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from toolchain.errors import ToolchainError
+from toolchain.files import atomic_path
 
 Candidate = tuple[str, float]  # (aggregation, shift)
 HALF_UP = 0.5 + 1e-4
@@ -190,11 +190,9 @@ class ExitTable:
         """Write the table as .npz (atomically: temp file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, counts=self.counts, exit_histogram=self.exit_histogram, special_ids=self.special_ids,
                      aggregation=np.array(self.aggregation), shift=np.array(self.shift))
-        os.replace(tmp, path)
         return path
 
     @classmethod

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.bench import ort_session, time_fn
-from toolchain.bundle import EPS, _write_json_atomic, graph_path, latency_key, load_manifest
+from toolchain.bundle import EPS, graph_path, latency_key, load_manifest, write_json
 from toolchain.data import prepare
 from toolchain.data.squad import SquadExample, build_features, postprocess
 from toolchain.errors import ToolchainError
@@ -327,7 +327,7 @@ class Bundle:
             record["latency_ms"][key] = timing
             self._cache[entry["name"]] = record
             try:
-                _write_json_atomic(self.path / CACHE, self._cache)
+                write_json(self.path / CACHE, self._cache)
             except OSError as e:
                 log.warning("latency cache not written (%s): the next load will probe again", e)
             return timing["median"], "probe"

@@ -7,7 +7,6 @@ owns devices, mixed precision, gradient accumulation, the LR schedule, progress 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from toolchain.errors import ToolchainError
+from toolchain.files import atomic_path
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -61,9 +61,8 @@ def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, t
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def train(model: torch.nn.Module, data: dict[str, np.ndarray], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
