@@ -51,6 +51,7 @@ def test_clean_bundle_verifies(loaded):
     conc = report["concurrency"]
     assert (conc["graph"], conc["threads"], conc["requests"], conc["errors"], conc["first_error"], conc["identical"]) \
         == ("lat-full", 3, 4, 0, None, True)
+    assert list(loaded._sessions) == [("lat-full", "cpu")]  # each compared graph's session was released after it
 
 
 @pytest.mark.timeout(120)

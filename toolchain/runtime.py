@@ -305,6 +305,11 @@ class Bundle:
                 self._sessions[key] = ort_session(graph_path(self.path, entry), self.threads, ep)
             return self._sessions[key]
 
+    def release(self, entry: Mapping, ep: str) -> None:
+        """Drop a graph's shared session and with it its memory arena (a batch-32 arena is about 1 GB)."""
+        with self.lock:
+            self._sessions.pop((entry["name"], ep), None)
+
     def doc_stride(self, seq: int) -> int:
         return min(int(self.meta.get("doc_stride", 128)), seq // 2)
 

@@ -98,6 +98,7 @@ def check_answers(bundle: Bundle, entries: Sequence[Mapping], model: torch.nn.Mo
             features[seq] = build_features(examples, bundle.tokenizer, seq, bundle.doc_stride(seq))
         onnx_metrics, onnx_preds = evaluate_squad(_ort_runner(bundle.session(entry, ep), entry["inputs"]), examples,
                                                   features[seq], desc=entry["name"])
+        bundle.release(entry, ep)  # one session at a time: a bundle's sessions together outgrow the memory
         key = (seq, None if config is None else tuple(config))
         if key not in pytorch:
             pytorch[key] = evaluate_squad(torch_runner(model, length_config=config), examples, features[seq],
