@@ -44,6 +44,10 @@ def test_time_interleaved_round_robin():
     slow = lambda tag: lambda: calls.append(tag) or time.sleep(0.1)  # noqa: E731
     time_interleaved([slow("a"), slow("b")], rounds=2, warmup=1, repeats=2, after_slice=[lambda: calls.append("r"), None])
     assert "".join(calls) == "aarbbaarb"
+    # the spread of the slices' medians: a function slowed in its second slice only
+    durations = iter([0.01] * 3 + [0.03] * 3)  # per slice: a warm-up run, then two timed runs
+    (slowed,) = time_interleaved([lambda: time.sleep(next(durations))], rounds=2, warmup=1, repeats=3)
+    assert slowed["runs"] == 4 and slowed["slice_spread"] == pytest.approx(2.0, abs=0.5)
 
 
 def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
@@ -70,8 +74,10 @@ def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
     assert (tmp_path / "plots" / "f1-vs-latency.png").is_file()
 
 
-def _report(base_ms: float, rows: dict[str, float]) -> dict:
-    row = lambda g, e, ms: {"graph": g, "engine": e, "precision": "fp32", "batch": 1, "latency_ms_median": ms}  # noqa: E731
+def _report(base_ms: float, rows: dict[str, float], spread: float | None = None) -> dict:
+    def row(g, e, ms):
+        out = {"graph": g, "engine": e, "precision": "fp32", "batch": 1, "latency_ms_median": ms}
+        return out if spread is None else {**out, "slice_spread": spread}
     return {"reference": [row("bert-base", "torch", base_ms)],
             "results": [row(g, "ort", ms) for g, ms in rows.items()]}
 
@@ -85,6 +91,14 @@ def test_compare_reports_flags_ratios_that_moved():
     moved = compare_reports(first, _report(1000.0, {"a": 10.0, "b": 25.0, "new-graph": 5.0}))
     assert [r["graph"] for r in moved["unstable"]] == ["b"] and moved["compared"] == 3
     assert moved["worst"]["change"] == pytest.approx(-0.2)
+    assert moved["worst"]["noise"] is None and moved["unstable_within_noise"] == 0  # old reports: no slice spreads
+    # the same move where each run's slices were 30% apart: over the tolerance, but within the runs' own noise
+    noisy = compare_reports(_report(1000.0, {"a": 10.0, "b": 20.0}, spread=0.3),
+                            _report(1000.0, {"a": 10.0, "b": 25.0}, spread=0.1))
+    assert noisy["worst"]["noise"] == pytest.approx(0.3) and noisy["unstable_within_noise"] == 1
+    quiet = compare_reports(_report(1000.0, {"a": 10.0, "b": 20.0}, spread=0.05),
+                            _report(1000.0, {"a": 10.0, "b": 25.0}, spread=0.05))
+    assert len(quiet["unstable"]) == 1 and quiet["unstable_within_noise"] == 0
     with pytest.raises(ToolchainError, match="share no row"):
         compare_reports(first, {"reference": [], "results": []})
 

@@ -40,14 +40,16 @@ def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: i
     after each slice of ``fns[i]`` (to hand back memory). Warm-up: ``warmup`` untimed runs before the first
     slice (a run over a second is its own warm-up), then one before each later slice when runs are short
     (< 100 ms, to refill the caches the other functions evicted) or an ``after_slice`` ran (to re-grow what
-    it released). ``desc`` shows a progress bar.
+    it released). ``desc`` shows a progress bar. ``slice_spread``: how far apart the slices' own medians lie
+    (slowest / fastest - 1), the noise a run-to-run comparison of the median has to live with.
     """
     times: list[list[float]] = [[] for _ in fns]
+    slices: list[list[float]] = [[] for _ in fns]  # each slice's median
     per_round = -(-repeats // rounds)
     bar = tqdm(total=rounds * len(fns), desc=desc, unit="slice", dynamic_ncols=True, disable=desc is None)
     after_slice = after_slice or [None] * len(fns)
     for r in range(rounds):
-        for fn, ts, after in zip(fns, times, after_slice):
+        for fn, ts, medians, after in zip(fns, times, slices, after_slice):
             for _ in range(warmup if r == 0 else int(after is not None or statistics.median(ts) < 100)):
                 t0 = time.perf_counter()
                 fn()
@@ -59,15 +61,17 @@ def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: i
                 fn()
                 ts.append(1000 * (time.perf_counter() - t0))
                 done += 1
+            medians.append(statistics.median(ts[-done:]))
             if after is not None:
                 after()
             bar.update()
     bar.close()
     out = []
-    for ts in times:
+    for ts, medians in zip(times, slices):
         ts.sort()
         out.append({"latency_ms_median": statistics.median(ts),
-                    "latency_ms_p90": ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))], "runs": len(ts)})
+                    "latency_ms_p90": ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))], "runs": len(ts),
+                    "slice_spread": max(medians) / max(min(medians), 1e-9) - 1})
     return out
 
 
@@ -323,15 +327,33 @@ def compare_reports(previous: dict, current: dict, tolerance: float = 0.10) -> d
     """Run-to-run stability: the relative change of every speedup ratio measured in both runs.
 
     A ratio from one run cancels a machine's speed drift, so two consecutive runs should agree on each ratio
-    within ``tolerance``; ``unstable`` lists the rows that do not."""
+    within ``tolerance``; ``unstable`` lists the rows that do not. A row's ``noise`` is the largest slice spread of
+    the four medians behind its two ratios (the row and BERT-base PyTorch, in both runs): an unstable row whose
+    change is within it moved no more than its own slices did within a run (``unstable_within_noise`` counts them).
+    """
     old, new = speedups(previous), speedups(current)
+    spread_old, spread_new = _spreads(previous), _spreads(current)
+
+    def noise(k: tuple) -> float | None:
+        ref = ("bert-base", "torch", "fp32", k[3])
+        spreads = [d.get(key) for d in (spread_old, spread_new) for key in (k, ref)]
+        return None if None in spreads else max(spreads)
+
     rows = [{"graph": k[0], "engine": k[1], "precision": k[2], "batch": k[3], "previous": old[k], "current": new[k],
-             "change": new[k] / old[k] - 1} for k in sorted(old.keys() & new.keys(), key=str)]
+             "change": new[k] / old[k] - 1, "noise": noise(k)} for k in sorted(old.keys() & new.keys(), key=str)]
     if not rows:
         raise ToolchainError("the two bench reports share no row with a BERT-base PyTorch reference at the same batch")
     worst = max(rows, key=lambda r: abs(r["change"]))
+    unstable = [r for r in rows if abs(r["change"]) > tolerance]
+    within = sum(r["noise"] is not None and abs(r["change"]) <= r["noise"] for r in unstable)
     return {"tolerance": tolerance, "compared": len(rows), "max_abs_change": abs(worst["change"]), "worst": worst,
-            "unstable": [r for r in rows if abs(r["change"]) > tolerance], "rows": rows}
+            "unstable": unstable, "unstable_within_noise": within, "rows": rows}
+
+
+def _spreads(report: dict) -> dict[tuple, float]:
+    """Each row's ``slice_spread`` (absent from reports older than it), keyed like ``speedups``."""
+    return {(r["graph"], r["engine"], r["precision"], r["batch"]): r["slice_spread"]
+            for r in report["reference"] + report["results"] if "slice_spread" in r}
 
 
 def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:

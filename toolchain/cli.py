@@ -464,7 +464,8 @@ def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, graphs
         st, worst = report["stability"], report["stability"]["worst"]
         click.echo(f"stability vs {compare_path}: {st['compared']} speedup ratios, largest change "
                    f"{100 * st['max_abs_change']:.1f}% ({worst['graph']} {worst['engine']} {worst['precision']} "
-                   f"b{worst['batch']}); {len(st['unstable'])} over {100 * stability_tolerance:g}%")
+                   f"b{worst['batch']}); {len(st['unstable'])} over {100 * stability_tolerance:g}%, "
+                   f"{st['unstable_within_noise']} of them within their own slices' spread")
         if st["unstable"]:
             raise ToolchainError(f"{len(st['unstable'])} speedup ratios moved more than {100 * stability_tolerance:g}% "
                                  "between the two runs (see 'stability' in the JSON)")
