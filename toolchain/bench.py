@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from toolchain import bundle as bundles
 from toolchain.errors import ToolchainError
-from toolchain.files import write_text
+from toolchain.files import write_json, write_text
 from toolchain.hardware import cpu_info, machine_summary
 from toolchain.search import pareto_front
 
@@ -391,7 +391,7 @@ def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
 def write_outputs(report: dict, json_out: Path | None, markdown_out: Path | None, plots_dir: Path | None) -> None:
     """Write each requested output atomically; an unwritable path is a clear error."""
     if json_out:
-        write_text(json_out, json.dumps(report, indent=2))
+        write_json(json_out, report)
     if markdown_out:
         batches = sorted({r["batch"] for r in report["results"]})
         write_text(markdown_out, "\n".join(f"### batch {b}\n\n{speedup_table(report, b)}" for b in batches))

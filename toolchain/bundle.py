@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from toolchain.errors import ToolchainError
-from toolchain.files import write_text
+from toolchain.files import write_json
 from toolchain.hardware import cpu_info
 
 SCHEMA_VERSION = 1
@@ -131,11 +131,6 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict:
 def graph_path(bundle_dir: str | Path, entry: Mapping) -> Path:
     """Absolute path of a manifest entry's graph file."""
     return _inside(Path(bundle_dir), entry["file"])
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def update_manifest(bundle_dir: str | Path, fn: Callable[[dict], dict | None]) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from toolchain.errors import ToolchainError
-from toolchain.files import write_text
+from toolchain.files import write_json
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: never wait on one
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -621,10 +621,9 @@ def run_cmd(recipe, only):
 
 
 def _write_json(path: Path | None, obj) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    if path is None:
-        return
-    write_text(path, json.dumps(obj, indent=2))
+    """Write JSON atomically when a path was given."""
+    if path is not None:
+        write_json(path, obj)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ one, never half of one; an interrupted write leaves the old file and no temp fil
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,10 +13,13 @@ from pathlib import Path
 from toolchain.errors import ToolchainError
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # once, at import: reading it sets it, which would race with other threads creating files
 
 
 @contextmanager
@@ -29,7 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,3 +47,8 @@ def write_text(path: str | Path, text: str) -> None:
             tmp.write_text(text, encoding="utf-8")
     except OSError as e:
         raise ToolchainError(f"cannot write {path}: {e}") from None
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -11,7 +11,6 @@ dynamic exit with a shrinking batch. `bench_geep` scores and times all three on 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from torch import nn
 from toolchain.bench import ort_session as _ort_session
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
+from toolchain.files import write_json
 from toolchain.exit_predictor import ExitTable, exit_accuracy, export_predictor_onnx, parse_aggregation
 from toolchain.geep import GeepModel, TruncatedGeep, check_speed, depth_logits, exit_layers, load_geep, normalized_entropy
 from toolchain.training import resolve_device, to_device
@@ -409,7 +409,7 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
             rows.append({"method": "fastbert", "speed": speed, "batch": batch, **_scores(f_logits, f_depths, labels, t)})
     report = {"checkpoint": str(checkpoint_dir), "backend": backend, "device": device.type, "num_layers": L,
               "examples": len(labels), "eval_data": str(eval_path), "rows": rows, "summary": _summary(rows)}
-    (out_dir / "results.json").write_text(json.dumps(report, indent=2))
+    write_json(out_dir / "results.json", report)
     _plot(rows, out_dir / "accuracy-vs-throughput.png")
     return report
 

@@ -40,10 +40,11 @@ from pathlib import Path
 import numpy as np
 
 from toolchain.bench import ort_session, time_fn
-from toolchain.bundle import EPS, graph_path, latency_key, load_manifest, write_json
+from toolchain.bundle import EPS, graph_path, latency_key, load_manifest
 from toolchain.data import prepare
 from toolchain.data.squad import SquadExample, build_features, postprocess
 from toolchain.errors import ToolchainError
+from toolchain.files import write_json
 from toolchain.geep_runtime import INPUT_NAMES, bucketed_predict, ort_depth_runner, ort_exit_predictor
 from toolchain.hardware import cpu_info, cuda_usable, has_int8_dot_product
 from toolchain.models import check_task, read_meta

@@ -60,11 +60,6 @@ def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, t
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def train(model: torch.nn.Module, data: dict[str, np.ndarray], loss_fn: Callable[[torch.nn.Module, dict], torch.Tensor],
           cfg: TrainConfig, device: torch.device, state_dir: Path, resume: bool = False,
           desc: str = "train") -> list[float]:
@@ -107,9 +102,10 @@ def train(model: torch.nn.Module, data: dict[str, np.ndarray], loss_fn: Callable
         torch.set_rng_state(state["torch_rng"])
 
     def save() -> None:
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "schedule": schedule.state_dict(), "step": step, "losses": losses, "n": n,
-                      "config": asdict(cfg), "torch_rng": torch.get_rng_state()}, state_path)
+        with atomic_path(state_path) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "step": step, "losses": losses, "n": n,
+                        "config": asdict(cfg), "torch_rng": torch.get_rng_state()}, tmp)
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
     micro = step * cfg.grad_accum
