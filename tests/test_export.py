@@ -98,8 +98,25 @@ def test_bundle_is_self_contained(bundle, checkpoint):
     assert json.loads((bundle / "toolchain.json").read_text()) == META
     for entry in manifest["graphs"]:
         assert entry["kind"] == "lat" and entry["precision"] == "fp32" and entry["ep"] == "cpu"
-        assert entry["size_bytes"] == graph_path(bundle, entry).stat().st_size
+        files = [graph_path(bundle, entry), *(bundle / w for w in entry["weights"])]
+        assert entry["size_bytes"] == sum(f.stat().st_size for f in files)
         assert entry["metrics"] == {} and entry["latency_ms"] == {}
+
+
+def test_graphs_share_one_copy_of_the_weights(bundle, checkpoint):
+    graphs = load_manifest(bundle)["graphs"]
+    weights = {w for g in graphs for w in g["weights"]}
+    assert all(set(g["weights"]) == weights for g in graphs)  # every configuration holds the same weights
+    stored = sorted(p.relative_to(bundle).as_posix() for p in (bundle / "weights").iterdir())
+    assert stored == sorted(weights)
+    params = sum(p.numel() * 4 for p in load_length_adaptive(checkpoint)[0].parameters() if p.numel() * 4 >= 1024)
+    on_disk = sum((bundle / w).stat().st_size for w in weights)
+    assert 0.9 * params <= on_disk <= params  # one copy (tied or equal tensors once), not one per graph
+    for g in graphs:  # the graph files themselves are small: every large tensor is external
+        assert graph_path(bundle, g).stat().st_size < 0.1 * on_disk
+        model = onnx.load(str(graph_path(bundle, g)), load_external_data=False)
+        external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert {next(e.value for e in t.external_data if e.key == "location") for t in external} == weights
 
 
 def test_checksum_mismatch_names_the_file(bundle, tmp_path):
@@ -113,6 +130,19 @@ def test_checksum_mismatch_names_the_file(bundle, tmp_path):
         load_manifest(copy)
     graph.unlink()
     with pytest.raises(ToolchainError, match=r"missing graph file lat-50-30\.onnx"):
+        load_manifest(copy)
+
+
+def test_weights_checksum_mismatch_names_the_file(bundle, tmp_path):
+    copy = shutil.copytree(bundle, tmp_path / "b")
+    rel = load_manifest(copy)["graphs"][1]["weights"][0]
+    data = bytearray((copy / rel).read_bytes())
+    data[0] ^= 0xFF
+    (copy / rel).write_bytes(bytes(data))
+    with pytest.raises(ToolchainError, match=f"checksum mismatch for {rel}"):
+        load_manifest(copy)
+    (copy / rel).unlink()
+    with pytest.raises(ToolchainError, match=f"missing weights file \\(of graph 'lat-full'\\) {rel}"):
         load_manifest(copy)
 
 

@@ -4,6 +4,7 @@ GeepPredictor (request order, labels at the predicted exit, concurrency, errors)
 import json
 import shutil
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -66,7 +67,7 @@ def texts(n: int = 14) -> list[str]:
 def test_bundle_layout_manifest_and_checksums(bundle, checkpoint, copy):
     assert {p.name for p in bundle.iterdir()} == {
         "manifest.json", "config.json", "toolchain.json", "geep-depth1.onnx", "geep-depth2.onnx", "geep-depth3.onnx",
-        "geep-predictor.onnx", *TOKENIZER_FILES}
+        "geep-predictor.onnx", "weights", *TOKENIZER_FILES}
     assert not list(bundle.parent.glob(".geep*")), "no staging folders left beside the bundle"
     assert json.loads((bundle / "toolchain.json").read_text()) == json.loads((checkpoint / "toolchain.json").read_text())
     manifest = load_manifest(bundle, verify=True)
@@ -85,6 +86,9 @@ def test_bundle_layout_manifest_and_checksums(bundle, checkpoint, copy):
         assert entry["parity"]["max_abs_diff"] <= 1e-4 and entry["sha256"] and entry["latency_ms"] == {}
     assert depths[-1]["macs"] == count_macs(model.config, None, SEQ, "classify", 2)
     assert depths[0]["macs"] < depths[1]["macs"] < depths[2]["macs"]
+    shared = [set(entry["weights"]) for entry in depths]  # a deeper graph adds its layers' tensors, nothing else
+    assert shared[0] < shared[1] < shared[2] and {p.name for p in (bundle / "weights").iterdir()} == {
+        Path(w).name for entry in manifest["graphs"] for w in entry["weights"]}
 
     table, _ = profile.fit_table(SPEED, AGGREGATION)
     exits = table.predict(profile.dev["input_ids"], profile.dev["attention_mask"])

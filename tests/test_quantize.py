@@ -38,7 +38,7 @@ def bundle(qa_bundle, tmp_path):
 
 
 def snapshot(bundle):
-    return {p.name: p.read_bytes() for p in bundle.iterdir()}
+    return {p.relative_to(bundle).as_posix(): p.read_bytes() for p in bundle.rglob("*") if p.is_file()}
 
 
 def outputs(path, feed):

@@ -4,6 +4,10 @@ The manifest lists every graph with its checksum, length configuration, cost and
 process (or a later selection step) can pick a graph without opening the others. Bundles are written into a
 temporary folder beside the target and renamed into place; manifest updates go through a temporary file and
 ``os.replace``, so a reader sees either the old or the new manifest, never a partial one. One writer at a time.
+
+The graphs of one checkpoint hold the same weights (every length configuration, every GEEP depth, the INT8 graphs of
+every configuration), so each graph keeps its tensors of 1 KiB and more as ONNX external data in ``weights/`` beside
+it, one file per distinct content, named by its SHA-256 and shared by every graph that holds that tensor.
 See graphs/README.md for the layout and field reference.
 """
 
@@ -19,8 +23,12 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import set_external_data
+
 from toolchain.errors import ToolchainError
-from toolchain.files import write_json
+from toolchain.files import atomic_path, write_json
 from toolchain.hardware import cpu_info
 
 SCHEMA_VERSION = 1
@@ -30,6 +38,9 @@ PRECISIONS = ("fp32", "int8")
 EPS = ("cpu", "cuda")
 REQUIRED = ("name", "file", "kind", "length_config", "max_seq_length", "macs", "precision", "format", "ep",
             "metrics", "latency_ms", "optimization")
+WEIGHTS = "weights"  # the shared external-data folder beside each graph file
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the graph file (onnx's own default threshold)
+_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data")
 
 
 def sha256_file(path: Path) -> str:
@@ -97,6 +108,11 @@ def _check_manifest(manifest: object, bundle_dir: Path) -> dict:
     for entry in graphs:
         _check_entry(entry, where)
         _inside(bundle_dir, entry["file"])
+        weights = entry.get("weights", [])
+        if not isinstance(weights, list):
+            raise ToolchainError(f"{where}: graph {entry['name']!r} has weights {weights!r}; expected a list of files")
+        for rel in weights:
+            _inside(bundle_dir, rel)
         if entry["name"] in names:
             raise ToolchainError(f"{where}: graph name {entry['name']!r} appears twice")
         names.add(entry["name"])
@@ -119,13 +135,22 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ToolchainError(f"unreadable {path}: {e}") from None
     if verify:
+        wanted = {}  # weight file -> a graph that uses it; a shared file is hashed once
         for entry in manifest["graphs"]:
-            graph = _inside(bundle_dir, entry["file"])
-            if not graph.is_file():
-                raise ToolchainError(f"bundle {bundle_dir} is missing graph file {entry['file']}")
-            if sha256_file(graph) != entry.get("sha256"):
-                raise ToolchainError(f"checksum mismatch for {entry['file']} in {bundle_dir}: the file changed after export")
+            _check_file(bundle_dir, entry["file"], entry.get("sha256"), "graph file")
+            for rel in entry.get("weights", []):
+                wanted.setdefault(rel, entry["name"])
+        for rel, user in sorted(wanted.items()):
+            _check_file(bundle_dir, rel, PurePosixPath(rel).stem, f"weights file (of graph {user!r})")
     return manifest
+
+
+def _check_file(bundle_dir: Path, rel: str, sha256: str | None, what: str) -> None:
+    path = _inside(bundle_dir, rel)
+    if not path.is_file():
+        raise ToolchainError(f"bundle {bundle_dir} is missing {what} {rel}")
+    if sha256_file(path) != sha256:
+        raise ToolchainError(f"checksum mismatch for {rel} in {bundle_dir}: the file changed after export")
 
 
 def graph_path(bundle_dir: str | Path, entry: Mapping) -> Path:
@@ -143,6 +168,55 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[dict], dict | None]) -
     return manifest
 
 
+def _store_graph(src: Path, root: Path, rel: str) -> list[str]:
+    """Write graph ``src`` into bundle folder ``root`` as ``rel`` (atomically), its tensors of at least
+    EXTERNAL_MIN_BYTES moved to ``weights/<sha256>.bin`` beside it (created only when no graph holds that content
+    yet). Returns the weight files it references, relative to ``root``."""
+    dst = _inside(root, rel)
+    store = dst.parent / WEIGHTS
+    store.mkdir(parents=True, exist_ok=True)
+    try:
+        model = onnx.load(str(src))  # with its own external data, if any
+    except Exception as e:
+        raise ToolchainError(f"cannot read graph {src}: {type(e).__name__}: {e}") from None
+    used = set()
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        if not tensor.HasField("raw_data"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+        data = tensor.raw_data
+        if len(data) < EXTERNAL_MIN_BYTES:
+            continue
+        name = f"{hashlib.sha256(data).hexdigest()}.bin"
+        if not (store / name).is_file():
+            with atomic_path(store / name) as tmp:
+                tmp.write_bytes(data)
+        set_external_data(tensor, f"{WEIGHTS}/{name}", length=len(data))
+        for field in _DATA_FIELDS:
+            tensor.ClearField(field)
+        used.add((store / name).relative_to(root).as_posix())
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(model.SerializeToString())
+    return sorted(used)
+
+
+def graph_bytes(bundle_dir: Path, rel: str, weights: list[str]) -> int:
+    """What one graph needs on disk: its file and the weight files it references."""
+    return _inside(bundle_dir, rel).stat().st_size + sum(_inside(bundle_dir, w).stat().st_size for w in weights)
+
+
+def prune_weights(bundle_dir: str | Path) -> None:
+    """Remove the weight files no manifest entry references (left by a graph addition that was rolled back)."""
+    bundle_dir = Path(bundle_dir)
+    graphs = load_manifest(bundle_dir, verify=False)["graphs"]
+    used = {_inside(bundle_dir, rel).resolve() for g in graphs for rel in g.get("weights", [])}
+    for store in {_inside(bundle_dir, g["file"]).parent / WEIGHTS for g in graphs} | {bundle_dir / WEIGHTS}:
+        for path in store.glob("*.bin") if store.is_dir() else ():
+            if path.resolve() not in used:
+                path.unlink(missing_ok=True)
+
+
 def _place(src: Path, dst: Path) -> None:
     """Hard-link (same file system) or copy ``src`` to ``dst``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +230,8 @@ def write_bundle(out_dir: str | Path, entries: list[dict], files: Mapping[str, s
                  task: str, source_checkpoint: str | Path) -> Path:
     """Create a bundle at ``out_dir`` from graph ``entries`` and ``files`` ({relative path: source file}).
 
-    Each entry's ``file`` must be one of ``files``; ``sha256`` and ``size_bytes`` are filled in here. The bundle is
+    Each entry's ``file`` must be one of ``files``; ``sha256``, ``weights`` (its shared weight files) and
+    ``size_bytes`` (the graph file and those) are filled in here. The bundle is
     assembled in a temporary folder beside ``out_dir`` and renamed into place; an existing ``out_dir`` is an error
     unless ``force``, and is only removed once the new bundle is complete.
     """
@@ -171,10 +246,15 @@ def write_bundle(out_dir: str | Path, entries: list[dict], files: Mapping[str, s
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be served
     old = out_dir.parent / f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
     try:
+        weights = {}
+        graph_files = {e["file"] for e in entries}
         for rel, src in files.items():
-            _place(Path(src), _inside(tmp, rel))
-        graphs = [{**e, "sha256": sha256_file(tmp / e["file"]), "size_bytes": (tmp / e["file"]).stat().st_size}
-                  for e in entries]
+            if rel in graph_files:
+                weights[rel] = _store_graph(Path(src), tmp, rel)
+            else:
+                _place(Path(src), _inside(tmp, rel))
+        graphs = [{**e, "sha256": sha256_file(tmp / e["file"]), "weights": weights[e["file"]],
+                   "size_bytes": graph_bytes(tmp, e["file"], weights[e["file"]])} for e in entries]
         manifest = {"schema_version": SCHEMA_VERSION, "task": task, "source_checkpoint": str(source_checkpoint),
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "graphs": graphs}
         _check_manifest(manifest, tmp)
@@ -192,7 +272,8 @@ def write_bundle(out_dir: str | Path, entries: list[dict], files: Mapping[str, s
 
 
 def add_graph(bundle_dir: str | Path, src: str | Path, entry: dict) -> dict:
-    """Copy graph ``src`` into the bundle as ``entry["file"]`` and append ``entry`` (checksum and size filled in).
+    """Store graph ``src`` in the bundle as ``entry["file"]`` (its weights shared with the graphs already there) and
+    append ``entry`` (checksum, weights and size filled in).
 
     For later steps such as quantization; ``entry["parent"]`` may name the graph it was derived from.
     Returns the new manifest.
@@ -207,14 +288,12 @@ def add_graph(bundle_dir: str | Path, src: str | Path, entry: dict) -> dict:
     dst = _inside(bundle_dir, entry["file"])
     if dst.exists():
         raise ToolchainError(f"bundle {bundle_dir} already has a file {entry['file']}")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
     try:
-        shutil.copyfile(src, tmp)
-        full = {**entry, "sha256": sha256_file(tmp), "size_bytes": tmp.stat().st_size}
-        os.replace(tmp, dst)
+        weights = _store_graph(Path(src), bundle_dir, entry["file"])
+        full = {**entry, "sha256": sha256_file(dst), "weights": weights,
+                "size_bytes": graph_bytes(bundle_dir, entry["file"], weights)}
         return update_manifest(bundle_dir, lambda m: {**m, "graphs": [*m["graphs"], full]})
     except BaseException:
-        tmp.unlink(missing_ok=True)
         dst.unlink(missing_ok=True)
+        prune_weights(bundle_dir)
         raise

@@ -56,7 +56,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from toolchain.bench import ort_session
-from toolchain.bundle import add_graph, graph_path, load_manifest, update_manifest
+from toolchain.bundle import add_graph, graph_path, load_manifest, prune_weights, update_manifest
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import Runner, evaluate_classify, evaluate_squad
@@ -321,7 +321,7 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
         "dynamic": {"op": "com.microsoft.DynamicQuantizeMatMul", "activations": "uint8 per tensor, range of each run",
                     "weights": "int8 per output channel", "nodes": dynamic},
         "trials": [{"fallback_units": t["fallback_units"], metric: t["metrics"][metric]} for t in trials],
-        "size_ratio": round(out.stat().st_size / fp32_path.stat().st_size, 4), "seconds": round(seconds, 1),
+        "size_ratio": round(out.stat().st_size / entry["size_bytes"], 4), "seconds": round(seconds, 1),
     }
     new = {key: entry[key] for key in ("kind", "depth", "length_config", "max_seq_length", "macs", "opset", "inputs",
                                        "outputs") if key in entry}
@@ -344,6 +344,7 @@ def _commit(bundle_dir: Path, staged: list[tuple[dict, Path]]) -> None:
         update_manifest(bundle_dir, lambda _: before)
         for path in added:
             path.unlink(missing_ok=True)
+        prune_weights(bundle_dir)
         raise
 
 
