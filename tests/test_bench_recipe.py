@@ -60,6 +60,8 @@ def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
     for r in rows:
         assert r["latency_ms_median"] > 0 and r["roofline_ms"] > 0 and r["roofline_multiple"] > 0
     assert report["machine"]["gemm_peak_gops"]["int8"] > 0 and report["machine"]["cores"] >= 1
+    sizes = {r["graph"]: r["size_mb"] for r in rows}  # two configurations of one model: one copy of the weights
+    assert max(sizes.values()) <= report["bundle_mb"] < 1.1 * max(sizes.values())
     manifest = load_manifest(bundle)  # latencies were written back, checksums still verify
     for g in manifest["graphs"]:
         assert set(g["latency_ms"]) == {latency_key("cpu", 1), latency_key("cpu", 2)}
@@ -71,6 +73,7 @@ def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
     write_outputs(report, tmp_path / "b.json", tmp_path / "t.md", tmp_path / "plots")
     assert json.loads((tmp_path / "b.json").read_text())["results"] == rows
     assert (tmp_path / "t.md").read_text().startswith("### batch 1")
+    assert f"The 2 graphs take {report['bundle_mb']:.0f} MB on disk" in (tmp_path / "t.md").read_text()
     assert (tmp_path / "plots" / "f1-vs-latency.png").is_file()
 
 

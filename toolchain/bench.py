@@ -294,7 +294,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
 
     bundles.update_manifest(bundle_dir, record)
     return {"machine": {**machine_summary(threads), "gemm_peak_gops": peaks, "ort_spinning": spinning},
-            "bundle": str(bundle_dir),
+            "bundle": str(bundle_dir), "bundle_mb": bundles.bundle_bytes(bundle_dir, entries) / 1e6,
             "seq_length": max(seqs), "rounds": rounds, "results": results, "reference": ref}
 
 
@@ -388,13 +388,21 @@ def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
     return paths
 
 
+def size_note(report: dict) -> str:
+    """One line on the benchmarked graphs' disk size together (the size column is per graph)."""
+    graphs = len({r["graph"] for r in report["results"]})
+    return (f"The {graphs} graphs take {report['bundle_mb']:.0f} MB on disk together (they share their weights); "
+            "\"size\" is what one graph needs on its own.")
+
+
 def write_outputs(report: dict, json_out: Path | None, markdown_out: Path | None, plots_dir: Path | None) -> None:
     """Write each requested output atomically; an unwritable path is a clear error."""
     if json_out:
         write_json(json_out, report)
     if markdown_out:
         batches = sorted({r["batch"] for r in report["results"]})
-        write_text(markdown_out, "\n".join(f"### batch {b}\n\n{speedup_table(report, b)}" for b in batches))
+        write_text(markdown_out, "\n".join(f"### batch {b}\n\n{speedup_table(report, b)}" for b in batches)
+                   + f"\n{size_note(report)}\n")
     if plots_dir:
         Path(plots_dir).mkdir(parents=True, exist_ok=True)
         plot_bench(report, Path(plots_dir))

@@ -206,6 +206,13 @@ def graph_bytes(bundle_dir: Path, rel: str, weights: list[str]) -> int:
     return _inside(bundle_dir, rel).stat().st_size + sum(_inside(bundle_dir, w).stat().st_size for w in weights)
 
 
+def bundle_bytes(bundle_dir: str | Path, graphs: list[dict]) -> int:
+    """What ``graphs`` take on disk together: their graph files and each weight file they share, counted once."""
+    bundle_dir = Path(bundle_dir)
+    files = {g["file"] for g in graphs} | {w for g in graphs for w in g.get("weights", [])}
+    return sum(_inside(bundle_dir, rel).stat().st_size for rel in files)
+
+
 def prune_weights(bundle_dir: str | Path) -> None:
     """Remove the weight files no manifest entry references (left by a graph addition that was rolled back)."""
     bundle_dir = Path(bundle_dir)

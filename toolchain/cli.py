@@ -439,7 +439,7 @@ def _check_writable(*paths: Path | None) -> None:
 def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, graphs, json_out, markdown_out, plots_dir, no_torch,
           no_reference, compare_path, stability_tolerance):
     """ORT vs PyTorch latency of every graph in a bundle, with BERT-base as the reference (Table 1)."""
-    from toolchain.bench import bench_bundle, compare_reports, speedup_table, write_outputs
+    from toolchain.bench import bench_bundle, compare_reports, size_note, speedup_table, write_outputs
 
     batches = _int_list(batch, "--batch")
     _check_writable(json_out, markdown_out)
@@ -460,6 +460,7 @@ def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, graphs
     write_outputs(report, json_out, markdown_out, plots_dir)
     for b in batches:
         click.echo(f"batch {b}\n" + speedup_table(report, b))
+    click.echo(size_note(report))
     if previous is not None:
         st, worst = report["stability"], report["stability"]["worst"]
         click.echo(f"stability vs {compare_path}: {st['compared']} speedup ratios, largest change "
