@@ -21,6 +21,8 @@ from transformers import (
 )
 
 from toolchain.errors import ToolchainError
+from toolchain.evaluate import session_runner
+from toolchain.export import _export_graph
 from toolchain.lat import (
     FixedLengthModel,
     LengthAdaptiveModel,
@@ -236,41 +238,41 @@ def test_fixed_length_model_tuples(qa):
         FixedLengthModel(LengthAdaptiveModel(qa), "20,14")
 
 
-def _constant_values(graph) -> dict[str, np.ndarray]:
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    return values
+def kept_counts(graph) -> set[int]:
+    """Token counts baked into a graph: the ends of the Slices that cut a TopK's (descending) indices."""
+    consts = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
+    indices = {n.output[1] for n in graph.node if n.op_type == "TopK"}
+    return {int(consts[n.input[2]].item()) for n in graph.node if n.op_type == "Slice" and n.input[0] in indices}
 
 
 @pytest.mark.timeout(20)
-def test_onnx_export_matches_pytorch(qa, tmp_path):
+def test_onnx_export_matches_pytorch_at_any_length(qa, tmp_path):
     lengths = (20, 14, 9, 5)
     fixed = FixedLengthModel(LengthAdaptiveModel(qa), lengths).eval()
     ids, mask, types = padded_batch()
     names = ["input_ids", "attention_mask", "token_type_ids"]
+    inputs = {n: t.numpy() for n, t in zip(names, (ids, mask, types))}
     path = tmp_path / "lat.onnx"
-    torch.onnx.export(  # legacy TorchScript exporter: still available (deprecated) in torch 2.13
-        fixed, (ids[:1], mask[:1], types[:1]), str(path), dynamo=False, opset_version=17,
-        input_names=names, output_names=["start_logits", "end_logits"],
-        dynamic_axes={n: {0: "batch"} for n in names + ["start_logits", "end_logits"]},
-    )
+    _export_graph(fixed, inputs, ["start_logits", "end_logits"], path)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert {node.domain for node in model.graph.node} == {""}
-    consts = _constant_values(model.graph)
-    topk_ks = [node.input[1] for node in model.graph.node if node.op_type == "TopK"]
-    assert all(k in consts for k in topk_ks)  # every K is a baked constant
-    assert sorted({int(consts[k].item()) for k in topk_ks}) == sorted(set(lengths))
+    assert kept_counts(model.graph) == set(lengths)
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for rows in (slice(2, 3), slice(0, 3)):  # batch 1 (padded sample) and batch 3
-        feed = {n: t[rows].numpy() for n, t in zip(names, (ids, mask, types))}
+    with torch.no_grad():
+        padded = fixed(ids, mask, types)
+    # batch 3 at full length; one row cut to its 17 real tokens (keeps 17, then drops real tokens to 14, 9, 5);
+    # the two rows of at most 17 tokens cut to 17
+    for rows, width in ((slice(0, 3), SEQ), (slice(1, 2), REAL[1]), (slice(1, 3), REAL[1])):
+        feed = {n: v[rows, :width] for n, v in inputs.items()}
         with torch.no_grad():
-            expected = fixed(ids[rows], mask[rows], types[rows])
-        for got, want in zip(session.run(None, feed), expected):
-            np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
+            eager = fixed(*(torch.from_numpy(v) for v in feed.values()))
+        for got, cut, full in zip(session.run(None, feed), eager, padded):
+            assert got.shape == (len(feed["input_ids"]), width)
+            np.testing.assert_allclose(got, cut.numpy(), atol=1e-4, rtol=0)
+            np.testing.assert_allclose(got, full[rows, :width].numpy(), atol=1e-4, rtol=0)
 
 
 def test_sample_length_config():
@@ -309,3 +311,24 @@ def test_sample_layer_mask():
     assert 0.6 < kept / 2000 < 0.8
     with pytest.raises(ToolchainError, match="layer_drop_prob"):
         sample_layer_mask(4, -0.1, rng)
+
+
+@pytest.mark.timeout(20)
+def test_session_runner_pads_cut_batches_for_a_fixed_length_graph(qa, tmp_path):
+    """Bundles exported before graphs took any length keep working: shorter batches are padded up and cut back."""
+    fixed = FixedLengthModel(LengthAdaptiveModel(qa), (20, 14, 9, 5)).eval()
+    ids, mask, types = padded_batch()
+    inputs = {n: t.numpy() for n, t in zip(("input_ids", "attention_mask", "token_type_ids"), (ids, mask, types))}
+    _export_graph(fixed, inputs, ["start_logits", "end_logits"], tmp_path / "any.onnx")
+    model = onnx.load(str(tmp_path / "any.onnx"))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[1].dim_value = SEQ
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    any_length, fixed_length = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"])
+                                for f in ("any.onnx", "fixed.onnx"))
+    feed = {k: v[1:, :REAL[1]] for k, v in inputs.items()}
+    with pytest.raises(Exception, match="dimensions"):
+        fixed_length.run(None, feed)
+    for got, want in zip(session_runner(fixed_length)(feed), session_runner(any_length)(feed)):
+        assert got.shape == want.shape == (2, REAL[1])
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -3,11 +3,13 @@
 A *runner* maps a batch of model inputs (numpy int64 arrays named input_ids, attention_mask,
 token_type_ids) to numpy outputs: (start_logits, end_logits) for QA, (logits,) for classification.
 Keeping evaluation behind this one signature lets PyTorch, length-adaptive and ORT graphs share it.
+Batches are formed from rows of similar length and cut to their longest row (`run_batches`): every model here
+takes any length up to the one it was built for, and a SQuAD window at 384 holds about 178 real tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from toolchain.data.metric import squad_scores
 from toolchain.data.squad import SquadExample, SquadFeatures, gold_answers, postprocess
 
 Runner = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, ...]]
+PER_TOKEN = ("start_logits", "end_logits")  # QA outputs, one value per token
 
 
 def take(items: list, n: int | None, seed: int = 0, skip: int = 0) -> list:
@@ -52,19 +55,61 @@ def torch_runner(model: torch.nn.Module, device: torch.device | str = "cpu", **f
     return run
 
 
-def run_batches(run: Runner, inputs: Callable[[slice], dict[str, np.ndarray]], n: int, batch_size: int,
-                desc: str = "eval") -> tuple[np.ndarray, ...]:
-    """Concatenate the runner's outputs over `n` rows taken `batch_size` at a time."""
-    outs: list[tuple[np.ndarray, ...]] = []
-    for b in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-        outs.append(run(inputs(slice(b, b + batch_size))))
-    return tuple(np.concatenate(parts) for parts in zip(*outs))
+def session_runner(session, names: Sequence[str] | None = None) -> Runner:
+    """Runner over an ONNX Runtime session, feeding `names` (default: all the graph's inputs).
+
+    A graph with a fixed sequence length (exported before graphs took any length) gets shorter batches padded up
+    to it (attention mask 0) and its per-token outputs cut back.
+    """
+    names = list(names or (i.name for i in session.get_inputs()))
+    fixed = session.get_inputs()[0].shape[1]  # an int for a fixed-length graph, a dimension name otherwise
+    per_token = [o.name in PER_TOKEN for o in session.get_outputs()]
+
+    def run(feed: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+        feed = {k: feed[k] for k in names}
+        width = feed["input_ids"].shape[1]
+        if not isinstance(fixed, int) or width == fixed:
+            return tuple(session.run(None, feed))
+        outs = session.run(None, {k: np.pad(v, ((0, 0), (0, fixed - width))) for k, v in feed.items()})
+        return tuple(o[:, :width] if token else o for o, token in zip(outs, per_token))
+
+    return run
+
+
+def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch cut to its longest row (the padding columns every row shares dropped)."""
+    length = max(1, int(batch["attention_mask"].sum(1).max()))
+    return {k: np.ascontiguousarray(v[:, :length]) for k, v in batch.items()}
+
+
+def run_batches(run: Runner, inputs: Callable[[slice | np.ndarray], dict[str, np.ndarray]], n: int, batch_size: int,
+                desc: str = "eval", per_token: bool = False, progress: bool = True) -> tuple[np.ndarray, ...]:
+    """The runner's outputs over `n` rows in row order, run `batch_size` rows at a time.
+
+    Rows are batched longest first, each batch cut to its longest row (attention mask); with `per_token` (QA:
+    start/end logits) every output is padded back to the full width with -inf.
+    """
+    full = inputs(slice(None))
+    width = full["input_ids"].shape[1]
+    order = np.argsort(-full["attention_mask"].sum(1), kind="stable")
+    outs: list[np.ndarray] | None = None
+    for b in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
+                  disable=not progress):
+        rows = order[b:b + batch_size]
+        got = run(trim_padding({k: v[rows] for k, v in full.items()}))
+        if outs is None:
+            outs = [np.full((n, width) if per_token else (n, *o.shape[1:]), -np.inf if per_token else 0, dtype=o.dtype)
+                    for o in got]
+        for out, o in zip(outs, got):
+            out[rows, :o.shape[1]] = o
+    return tuple(outs or ())
+
 
 
 def evaluate_squad(run: Runner, examples: list[SquadExample], features: SquadFeatures,
                    batch_size: int = 32, desc: str = "eval") -> tuple[dict[str, float], dict[str, dict]]:
     """(metrics {exact_match, f1, questions}, predictions {id: {text, score, ...}})."""
-    start, end = run_batches(run, features.inputs, len(features), batch_size, desc)
+    start, end = run_batches(run, features.inputs, len(features), batch_size, desc, per_token=True)
     preds = postprocess(examples, features, start, end)
     metrics = squad_scores(gold_answers(examples), {k: v["text"] for k, v in preds.items()})
     metrics["questions"] = len(examples)

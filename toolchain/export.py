@@ -1,9 +1,11 @@
 """`toolchain export`: one ONNX graph per length configuration, verified against PyTorch, in a deployable bundle.
 
-Each graph is a traced ``FixedLengthModel``: the sequence length is fixed at ``max_seq_length`` (which layers drop
-and every TopK's K are constants), the batch dimension is dynamic, and only standard-domain ONNX ops are emitted.
-An optional graph optimization is chosen by measuring on the first graph. Every graph is checked against PyTorch
-on dev inputs at batch 1 and 8 before anything is written.
+Each graph is a traced ``FixedLengthModel`` at ``max_seq_length``: which layers drop and how many tokens each keeps
+are constants, batch and sequence length are dynamic (a shorter input, cut to its longest row, keeps at most as many
+tokens as it has: the same answers as padded to full length, at less cost), and only standard-domain ONNX ops are
+emitted. An optional graph optimization is chosen by measuring on the first graph. Every graph is checked against
+PyTorch on dev inputs, one row cut to its own length and PARITY_BATCH rows at full length, before anything is
+written.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from toolchain.bundle import machine_id, update_manifest, write_bundle
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
-from toolchain.evaluate import Runner
+from toolchain.evaluate import PER_TOKEN, Runner, session_runner
 from toolchain.lat import FixedLengthModel, LengthAdaptiveModel, LengthConfig, parse_length_config
 from toolchain.macs import count_macs
 from toolchain.models import check_seq_length
@@ -56,7 +58,8 @@ def _export_graph(fixed: FixedLengthModel, inputs: dict[str, np.ndarray], output
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(fixed, tuple(torch.from_numpy(v[:2]) for v in inputs.values()), str(path), dynamo=False,
                           opset_version=OPSET, input_names=names, output_names=list(outputs),
-                          dynamic_axes={n: {0: "batch"} for n in [*names, *outputs]})
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} if n in names or n in PER_TOKEN else {0: "batch"}
+                                        for n in [*names, *outputs]})
 
 
 def ort_runner(model: LengthAdaptiveModel, length_config: LengthConfig, sample: dict[str, np.ndarray],
@@ -72,20 +75,16 @@ def ort_runner(model: LengthAdaptiveModel, length_config: LengthConfig, sample: 
     with tempfile.TemporaryDirectory(prefix="toolchain-score-") as tmp:
         path = Path(tmp) / "graph.onnx"
         _export_graph(FixedLengthModel(model.cpu().eval(), length_config), sample, outputs, path)
-        session = ort_session(path, threads)
-
-    def run(inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-        return tuple(session.run(None, inputs))
-
-    return run
+        return session_runner(ort_session(path, threads))
 
 
 def parity_cases(fixed: FixedLengthModel, inputs: dict[str, np.ndarray]) -> Cases:
-    """(feed, PyTorch outputs) at batch 1 (the most padded row) and at batch PARITY_BATCH."""
-    one = int(inputs["attention_mask"].sum(1).argmin())
+    """(feed, PyTorch outputs) for the most padded row cut to its real length, and PARITY_BATCH rows at full length."""
+    lengths = inputs["attention_mask"].sum(1)
+    one = int(lengths.argmin())
     cases = []
-    for rows in (slice(one, one + 1), slice(0, PARITY_BATCH)):
-        feed = {k: v[rows] for k, v in inputs.items()}
+    for rows, width in ((slice(one, one + 1), int(lengths[one])), (slice(0, PARITY_BATCH), None)):
+        feed = {k: v[rows, :width] for k, v in inputs.items()}
         with torch.inference_mode():
             cases.append((feed, tuple(o.numpy() for o in fixed(*(torch.from_numpy(v) for v in feed.values())))))
     return cases

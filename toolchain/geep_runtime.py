@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,6 +25,7 @@ from torch import nn
 from toolchain.bench import ort_session as _ort_session
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
+from toolchain.evaluate import run_batches, trim_padding
 from toolchain.files import write_json
 from toolchain.exit_predictor import ExitTable, exit_accuracy, export_predictor_onnx, parse_aggregation
 from toolchain.geep import GeepModel, TruncatedGeep, check_speed, depth_logits, exit_layers, load_geep, normalized_entropy
@@ -57,7 +59,8 @@ def bucketed_predict(inputs: Inputs, predict_exit: ExitPredictor, run_at_depth: 
     """GEEP batch inference: (logits [N, C], predicted depths [N]), both in request order.
 
     Requests are grouped by predicted exit; each group runs in chunks of `batch_size` through the
-    model truncated at that depth, so a batch never waits on its deepest member.
+    model truncated at that depth, so a batch never waits on its deepest member (within a group, requests of
+    similar length share a batch, cut to its longest: `run_batches`).
     """
     _check_batch_size(batch_size)
     inputs = _model_inputs(inputs)
@@ -68,22 +71,22 @@ def bucketed_predict(inputs: Inputs, predict_exit: ExitPredictor, run_at_depth: 
     logits = None
     for depth in np.unique(depths):
         bucket = np.flatnonzero(depths == depth)
-        for b in range(0, len(bucket), batch_size):
-            rows = bucket[b:b + batch_size]
-            out = np.asarray(run_at_depth(int(depth), trim_padding({k: v[rows] for k, v in inputs.items()})))
-            if logits is None:
-                logits = np.empty((n, out.shape[-1]), dtype=out.dtype)
-            logits[rows] = out
+        (out,) = _batched(partial(run_at_depth, int(depth)), {k: v[bucket] for k, v in inputs.items()}, batch_size)
+        if logits is None:
+            logits = np.empty((n, out.shape[-1]), dtype=out.dtype)
+        logits[bucket] = out
     return logits, depths
+
+
+def _batched(run_at: Callable[[Inputs], np.ndarray], inputs: Inputs, batch_size: int) -> tuple[np.ndarray]:
+    return run_batches(lambda feed: (np.asarray(run_at(feed)),), lambda idx: {k: v[idx] for k, v in inputs.items()},
+                       len(inputs["input_ids"]), batch_size, progress=False)
 
 
 def full_depth_predict(inputs: Inputs, run_at_depth: DepthRunner, num_layers: int, batch_size: int) -> np.ndarray:
     """Baseline: every request through all `num_layers` layers; logits [N, C]."""
     _check_batch_size(batch_size)
-    inputs = _model_inputs(inputs)
-    n = len(inputs["input_ids"])
-    return np.concatenate([run_at_depth(num_layers, trim_padding({k: v[b:b + batch_size] for k, v in inputs.items()}))
-                           for b in range(0, n, batch_size)])
+    return _batched(partial(run_at_depth, num_layers), _model_inputs(inputs), batch_size)[0]
 
 
 class LayerStepper:
@@ -170,6 +173,7 @@ def fastbert_predict(stepper: LayerStepper, inputs: Inputs, speed: float, batch_
 
     Layer by layer, student i classifies the batch; samples whose normalized entropy is below `speed`
     leave with student i's logits, the rest continue. Samples reaching the last layer get the teacher's.
+    Batches are formed from requests of similar length, as in `bucketed_predict`.
     """
     check_speed(speed)
     _check_batch_size(batch_size)
@@ -177,9 +181,10 @@ def fastbert_predict(stepper: LayerStepper, inputs: Inputs, speed: float, batch_
     n, last = len(inputs["input_ids"]), stepper.num_layers - 1
     logits = np.zeros((n, stepper.num_labels), dtype=np.float32)
     depths = np.zeros(n, dtype=np.int64)
+    order = np.argsort(-inputs["attention_mask"].sum(1), kind="stable")
     with torch.inference_mode():
         for b in range(0, n, batch_size):
-            rows = np.arange(b, min(n, b + batch_size))
+            rows = order[b:b + batch_size]
             hidden, mask = stepper.embed(trim_padding({k: v[rows] for k, v in inputs.items()}))
             for i in range(stepper.num_layers):
                 hidden, out = stepper.step(i, hidden, mask)
@@ -190,12 +195,6 @@ def fastbert_predict(stepper: LayerStepper, inputs: Inputs, speed: float, batch_
                 keep = ~done
                 hidden, mask, rows = stepper.select(hidden, keep), stepper.select(mask, keep), rows[keep]
     return logits, depths
-
-
-def trim_padding(batch: Inputs) -> Inputs:
-    """Drop the padding columns every row of the batch shares (graphs here take any sequence length)."""
-    length = max(1, int(batch["attention_mask"].sum(1).max()))
-    return {k: np.ascontiguousarray(v[:, :length]) for k, v in batch.items()}
 
 
 def torch_depth_runner(model: GeepModel, device: torch.device | str = "cpu") -> DepthRunner:

@@ -185,7 +185,10 @@ class LengthAdaptiveModel(nn.Module):
         base = self.model.base_model
         hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         mask = attention_mask.to(hidden.dtype)  # 1 = real token, 0 = padding, for the current tokens
-        seq, width = _num_tokens(hidden), self.config.hidden_size  # Python ints: constant shapes in an export
+        # `seq` and `n` are the token counts at trace time (Python ints: which layers drop is fixed in an export);
+        # every shape below is taken from the tensors, so an exported graph takes any length up to the traced one
+        seq, width = _num_tokens(hidden), self.config.hidden_size
+        b = input_ids.shape[0]  # traced: reshapes below keep the batch and infer the token count (-1)
         # Dropping moves whole rows of the flattened [B * n, H] states: `rows` [B, n] holds each current token's row
         # in the [B * L, H] input (b * L + position), the index of the final restore. (The layers themselves run on
         # [B, n, H]: a 2-D Linear exports as Gemm, faster in fp32 here but slower once quantized: QGemm, no GELU
@@ -195,43 +198,41 @@ class LengthAdaptiveModel(nn.Module):
         for i, layer in enumerate(base.encoder.layer):
             if layer_mask is not None and not layer_mask[i]:
                 continue
-            attn_out, probs = self._attention(layer, hidden, mask, n)
+            attn_out, probs = self._attention(layer, hidden, mask, b)
             keep = None if lengths is None else lengths[i]
             if keep is not None and keep < n:
                 if full is None:
                     full = hidden.reshape(-1, width)
-                    rows = (torch.ones_like(input_ids).reshape(-1).cumsum(0) - 1).view(-1, seq)
+                    rows = (torch.ones_like(input_ids).reshape(-1).cumsum(0) - 1).view(b, -1)
                     rank = self._pad_rank(mask, rows)
                     batch = torch.ones_like(input_ids[:, :1]).cumsum(0) - 1
                 else:  # tokens dropped here keep their state from the previous layer
                     full = full.index_put((rows.reshape(-1),), hidden.reshape(-1, width))
                 idx = self._keep_indices(probs, mask, rank, keep)
                 rows, mask, rank = rows.gather(1, idx), mask.gather(1, idx), rank.gather(1, idx)
-                attn_out = attn_out.reshape(-1, width)[(idx + batch * n).reshape(-1)].view(-1, keep, width)
+                attn_out = attn_out.reshape(-1, width)[(idx + batch * hidden.shape[1]).reshape(-1)].view(b, -1, width)
                 n = keep
             hidden = layer.output(layer.intermediate(attn_out), attn_out)
         positions = None
         if full is not None:
-            hidden = full.index_put((rows.reshape(-1),), hidden.reshape(-1, width)).view(-1, seq, width)
-            positions = rows % seq
+            hidden = full.index_put((rows.reshape(-1),), hidden.reshape(-1, width)).view(b, -1, width)
+            positions = rows % input_ids.shape[1]
         return self._head(hidden, positions)
 
     @staticmethod
-    def _attention(
-        layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attention(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Eager multi-head self-attention + output dense/LayerNorm on [B, n, H] states; returns (output, probs
         [B, heads, n, n])."""
         sa = layer.attention.self
 
-        def heads(x: torch.Tensor) -> torch.Tensor:  # constant reshape targets: no shape ops in the exported graph
-            return x.view(-1, n, sa.num_attention_heads, sa.attention_head_size).transpose(1, 2)
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, -1, sa.num_attention_heads, sa.attention_head_size).transpose(1, 2)
 
         q, k, v = heads(sa.query(hidden)), heads(sa.key(hidden)), heads(sa.value(hidden))
         additive = (1.0 - mask)[:, None, None, :] * torch.finfo(hidden.dtype).min
         scores = q @ k.transpose(-1, -2) / math.sqrt(sa.attention_head_size) + additive
         probs = scores.softmax(dim=-1)
-        context = (sa.dropout(probs) @ v).transpose(1, 2).reshape(-1, n, sa.num_attention_heads * sa.attention_head_size)
+        context = (sa.dropout(probs) @ v).transpose(1, 2).reshape(b, -1, sa.num_attention_heads * sa.attention_head_size)
         return layer.attention.output(context, hidden), probs
 
     def _pad_rank(self, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -248,8 +249,9 @@ class LengthAdaptiveModel(nn.Module):
         # attention received from real queries, summed over heads (>= 0, exactly 0 for padding keys): a mask-weighted
         # sum over the queries as one MatMul, which reads the [B, heads, n, n] probabilities once
         score = (mask[:, None, None, :] @ probs).sum(dim=(1, 2)) + rank
-        idx = score.topk(keep, dim=1).indices
-        return idx.topk(keep, dim=1, largest=False).values  # ascending sort with a constant K (ONNX TopK)
+        # a full descending sort cut at `keep` (ONNX Slice clamps, so a shorter input keeps all its tokens), then
+        # the kept indices in ascending order
+        return score.argsort(dim=1, descending=True)[:, :keep].sort(dim=1).values
 
     def _head(self, sequence: torch.Tensor, positions: torch.Tensor | None) -> LATOutput:
         model = self.model

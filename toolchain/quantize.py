@@ -59,7 +59,7 @@ from toolchain.bench import ort_session
 from toolchain.bundle import add_graph, graph_path, load_manifest, prune_weights, update_manifest
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
-from toolchain.evaluate import Runner, evaluate_classify, evaluate_squad
+from toolchain.evaluate import Runner, evaluate_classify, evaluate_squad, session_runner
 from toolchain.models import read_meta
 
 CALIB_BATCH = 8
@@ -173,8 +173,7 @@ class _Reader:
 
 
 def _runner(path: Path | str, ep: str) -> Runner:
-    session = ort_session(Path(path), ep=ep)
-    return lambda feed: tuple(session.run(None, feed))
+    return session_runner(ort_session(Path(path), ep=ep))
 
 
 def _task_data(bundle_dir: Path, task: str, tokenizer, calib_data: str | Path, eval_data: str | Path, seq_len: int,

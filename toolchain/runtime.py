@@ -44,6 +44,7 @@ from toolchain.bundle import EPS, graph_path, latency_key, load_manifest
 from toolchain.data import prepare
 from toolchain.data.squad import SquadExample, build_features, postprocess
 from toolchain.errors import ToolchainError
+from toolchain.evaluate import run_batches, session_runner
 from toolchain.files import write_json
 from toolchain.geep_runtime import INPUT_NAMES, bucketed_predict, ort_depth_runner, ort_exit_predictor
 from toolchain.hardware import cpu_info, cuda_usable, has_int8_dot_product
@@ -384,12 +385,13 @@ class _Predictor:
         self.selection = self.bundle.select(budget_ms, min_f1, max_macs, batch)
         self.entry = self.selection.entry
         self.session = self.bundle.session(self.entry, self.selection.ep)
+        self._runner = session_runner(self.session, self.entry["inputs"])
 
     def _run(self, rows: Mapping[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-        """The graph's outputs over all rows, ``selection.batch`` rows per run."""
-        n, step = len(rows["input_ids"]), self.selection.batch
-        outs = [self.session.run(None, {k: rows[k][b:b + step] for k in self.entry["inputs"]}) for b in range(0, n, step)]
-        return tuple(np.concatenate(parts) for parts in zip(*outs))
+        """The graph's outputs over all rows in row order, ``selection.batch`` rows per run (rows of similar length
+        together, each run cut to its longest row)."""
+        return run_batches(self._runner, lambda idx: {k: v[idx] for k, v in rows.items()}, len(rows["input_ids"]),
+                           self.selection.batch, per_token=self.TASK == "squad", progress=False)
 
 
 class QAPredictor(_Predictor):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from toolchain.bundle import latency_key
 from toolchain.data.squad import SquadExample, build_features, load_squad
 from toolchain.errors import ToolchainError
-from toolchain.evaluate import Runner, evaluate_squad, take, torch_runner
+from toolchain.evaluate import evaluate_squad, session_runner, take, torch_runner
 from toolchain.runtime import Bundle, QAPredictor, accuracy
 from toolchain.train_lat import load_length_adaptive
 
@@ -83,10 +83,6 @@ def check_selection(bundle: Bundle) -> dict:
     return report
 
 
-def _ort_runner(session, names: Sequence[str]) -> Runner:
-    return lambda feed: tuple(session.run(None, {k: feed[k] for k in names}))
-
-
 def check_answers(bundle: Bundle, entries: Sequence[Mapping], model: torch.nn.Module, examples: list[SquadExample],
                   tolerance: float) -> dict:
     """Each graph's answers and F1/EM against the PyTorch model's at the graph's length configuration."""
@@ -96,7 +92,7 @@ def check_answers(bundle: Bundle, entries: Sequence[Mapping], model: torch.nn.Mo
         seq, config = entry["max_seq_length"], entry["length_config"]
         if seq not in features:
             features[seq] = build_features(examples, bundle.tokenizer, seq, bundle.doc_stride(seq))
-        onnx_metrics, onnx_preds = evaluate_squad(_ort_runner(bundle.session(entry, ep), entry["inputs"]), examples,
+        onnx_metrics, onnx_preds = evaluate_squad(session_runner(bundle.session(entry, ep), entry["inputs"]), examples,
                                                   features[seq], desc=entry["name"])
         bundle.release(entry, ep)  # one session at a time: a bundle's sessions together outgrow the memory
         key = (seq, None if config is None else tuple(config))
