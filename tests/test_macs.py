@@ -7,7 +7,7 @@ from transformers import BertConfig, BertForQuestionAnswering
 
 from toolchain.errors import ToolchainError
 from toolchain.lat import LengthAdaptiveModel
-from toolchain.macs import ARCHS, config_for_arch, count_macs
+from toolchain.macs import ARCHS, config_for_arch, count_macs, expected_macs
 
 LAT_BERT_BASE_384 = 35_340_779_904  # LAT paper / repo, torchprofile, SQuAD at 384 tokens
 
@@ -50,6 +50,22 @@ def test_hand_count_tiny():
     assert count_macs(config, "6,3", 10, head="classify", num_labels=3) == emb + layer0 + layer1 + 64 + 24
     # An entry at or above the current length drops nothing.
     assert count_macs(config, (10, 10), 10) == count_macs(config, None, 10)
+
+
+def test_expected_macs_cuts_each_input_to_its_real_length():
+    config = BertConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2)
+    # an input of 4 tokens keeps min(6, 4) = 4 and then 3; one of 10 tokens keeps 6 and 3
+    short, long = count_macs(config, (4, 3), 4), count_macs(config, (6, 3), 10)
+    assert expected_macs(config, (6, 3), [4, 10, 10]) == pytest.approx((short + 2 * long) / 3)
+    assert expected_macs(config, None, [10, 10]) == count_macs(config, None, 10)
+    assert expected_macs(config, (6, 3), [4], head="classify", num_labels=3) == count_macs(config, (4, 3), 4, "classify", 3)
+    # with the padding cut, dropping to 6 and 3 tokens saves less than it does at the padded length
+    padded_ratio = count_macs(config, (6, 3), 10) / count_macs(config, None, 10)
+    assert expected_macs(config, (6, 3), [4, 6, 10]) / expected_macs(config, None, [4, 6, 10]) > padded_ratio
+    with pytest.raises(ToolchainError, match="at least one input"):
+        expected_macs(config, None, [])
+    with pytest.raises(ToolchainError, match="at least one token"):
+        expected_macs(config, None, [0, 5])
 
 
 def test_errors():

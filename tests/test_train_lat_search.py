@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from transformers import AutoTokenizer
 
 from toolchain.cli import main
 from toolchain.data import SQUAD_DEV_SLICE, SQUAD_TRAIN_SLICE
+from toolchain.data import prepare
 from toolchain.data.prepare import Columns
 from toolchain.errors import ToolchainError
 from toolchain.finetune import finetune
@@ -119,6 +121,30 @@ def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tm
         s.evaluate_squad = real
     assert again["frontier"] == result["frontier"]
     assert calls["n"] == 1 + len(front)  # only the report split is scored again
+
+
+def test_search_real_cost_counts_the_split_at_its_real_lengths(tiny_lat, tmp_path):
+    from transformers import AutoConfig
+
+    from toolchain.macs import count_macs, expected_macs
+
+    cfg = SearchConfig(iterations=1, population=4, parents=2, mutations=2, crossovers=2, seed=3, cost="real")
+    result = search(model_dir=tiny_lat, eval_path=SQUAD_DEV_SLICE, out_dir=tmp_path / "r", search_examples=10,
+                    report_examples=10, cfg=cfg, device_name="cpu", batch_size=16)
+    assert result["cost"] == "real" and result["search_config"]["cost"] == "real"
+    config, seq = AutoConfig.from_pretrained(tiny_lat), result["max_seq_length"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lat)
+    meta = json.loads((tiny_lat / "toolchain.json").read_text())
+    _, features = prepare.squad_split(SQUAD_DEV_SLICE, tokenizer, seq, meta["doc_stride"], 10)
+    lengths = features.attention_mask.sum(1)
+    assert lengths.min() < seq  # some of the slice's windows are padded, so the real cost is below the padded one
+    assert result["full"]["macs"] == round(expected_macs(config, None, lengths)) < count_macs(config, None, seq)
+    for p in result["frontier"]:
+        lc = tuple(p["length_config"])
+        assert p["macs"] == round(expected_macs(config, lc, lengths))
+        assert p["macs_ratio"] == pytest.approx(p["macs"] / result["full"]["macs"])
+    with pytest.raises(ToolchainError, match="unknown cost 'tokens'"):
+        SearchConfig(cost="tokens").validate()
 
 
 def test_search_bad_inputs(tiny_ft, tiny_lat, tmp_path):

@@ -221,6 +221,9 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
 @click.option("--length-drop-ratio-bound", type=float, default=0.2, show_default=True, help="for the initial population")
 @click.option("--min-macs-ratio", type=float, default=0.0, show_default=True)
 @click.option("--max-macs-ratio", type=float, default=1.0, show_default=True)
+@click.option("--cost", type=click.Choice(["padded", "real"]), default="padded", show_default=True,
+              help="padded: MACs at max_seq_length (LAT's); real: mean MACs over the search split's inputs, each cut "
+                   "to its real length, as the graphs run them")
 @click.option("--choose-tolerance", type=float, default=1.0, show_default=True,
               help="chosen = cheapest frontier point within this many points of full length (search split)")
 @click.option("--target-macs-ratio", type=float, default=None,

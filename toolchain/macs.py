@@ -6,6 +6,9 @@ of their input) and element-wise ``mul`` ops; softmax, GELU, adds, divisions, ga
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 from transformers import BertConfig, PretrainedConfig
 
 from toolchain.errors import ToolchainError
@@ -59,3 +62,21 @@ def count_macs(
     else:
         macs += hidden * hidden + hidden * num_labels
     return macs
+
+
+def expected_macs(
+    config: PretrainedConfig,
+    length_config: LengthConfig,
+    lengths: Sequence[int],
+    head: str = "qa",
+    num_labels: int = 2,
+) -> float:
+    """Mean MACs over inputs of the given real token counts, each run cut to its own length (graphs take any
+    length): an input of ``n`` tokens keeps at most ``n`` per layer, so a configuration costs what it drops of
+    the real tokens, not of the padding."""
+    counts, weights = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    if not len(counts) or counts[0] <= 0:
+        raise ToolchainError("expected MACs need at least one input, each of at least one token")
+    total = sum(int(w) * count_macs(config, None if length_config is None else tuple(min(k, int(n)) for k in length_config),
+                                    int(n), head, num_labels) for n, w in zip(counts, weights))
+    return total / int(weights.sum())

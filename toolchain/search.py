@@ -3,10 +3,15 @@
 Candidates are scored on a *search split* of the dev set; the final frontier is re-scored on a
 disjoint *report split*, so the reported numbers are not the ones the search optimised. Every
 evaluated configuration is cached on disk, so a resumed search never evaluates it again.
+
+The cost of a configuration is LAT's MACs at max_seq_length (`cost="padded"`), or the mean MACs over the search
+split's inputs cut to their real lengths (`cost="real"`, how the exported graphs run them): with padding cut,
+a configuration saves only what it drops of the real tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -25,12 +30,13 @@ from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
 from toolchain.export import ort_runner
 from toolchain.finetune import check_output
 from toolchain.lat import LengthAdaptiveModel, sample_length_config
-from toolchain.macs import count_macs
+from toolchain.macs import count_macs, expected_macs
 from toolchain.models import check_seq_length
 from toolchain.train_lat import load_length_adaptive
 from toolchain.training import resolve_device
 
 Config = tuple[int, ...]
+COSTS = ("padded", "real")
 
 
 @dataclass
@@ -47,6 +53,7 @@ class SearchConfig:
     min_macs_ratio: float = 0.0
     max_macs_ratio: float = 1.0
     seed: int = 42
+    cost: str = "padded"  # MACs at max_seq_length (LAT's), or "real": mean over the search split's real lengths
 
     def validate(self) -> None:
         for name in ("iterations", "population", "parents"):
@@ -56,6 +63,8 @@ class SearchConfig:
             raise ToolchainError("mutations and crossovers must be >= 0")
         if not 0.0 <= self.mutation_prob <= 1.0:
             raise ToolchainError(f"mutation-prob must be in [0, 1], got {self.mutation_prob}")
+        if self.cost not in COSTS:
+            raise ToolchainError(f"unknown cost {self.cost!r}; choose {' or '.join(COSTS)}")
         if not 0.0 <= self.min_macs_ratio < self.max_macs_ratio:
             raise ToolchainError(f"MAC bounds [{self.min_macs_ratio}, {self.max_macs_ratio}] admit no configuration")
 
@@ -173,11 +182,19 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     search_split, report_split = _splits(eval_path, tokenizer, meta, seq, search_examples, report_examples)
     partial.mkdir(parents=True, exist_ok=True)
     scorer = Scorer(model, task, search_split, device, partial / "search-cache.jsonl", batch_size, engine)
-    full_macs = count_macs(model.config, None, seq, head, num_labels)
+    real_lengths = _real_lengths(task, search_split)
+
+    @functools.cache
+    def macs_of(c: Config | None) -> int:
+        if cfg.cost == "real":
+            return round(expected_macs(model.config, c, real_lengths, head, num_labels))
+        return count_macs(model.config, c, seq, head, num_labels)
+
+    full_macs = macs_of(None)
     rng = random.Random(cfg.seed)
 
     def in_bounds(c: Config) -> bool:
-        return cfg.min_macs_ratio <= count_macs(model.config, c, seq, head, num_labels) / full_macs <= cfg.max_macs_ratio
+        return cfg.min_macs_ratio <= macs_of(c) / full_macs <= cfg.max_macs_ratio
 
     population: list[Config] = []
     for _ in range(1000 * cfg.population):
@@ -196,7 +213,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
 
     def evaluate(configs: list[Config]) -> None:
         for c in tqdm(configs, desc="candidates", unit="cfg", leave=False, dynamic_ncols=True):
-            points[c] = (count_macs(model.config, c, seq, head, num_labels), score_of(scorer(c)))
+            points[c] = (macs_of(c), score_of(scorer(c)))
 
     evaluate(population)
     for _ in tqdm(range(cfg.iterations), desc="search", unit="iter", dynamic_ncols=True):
@@ -222,6 +239,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     chosen = choose(frontier, score_of(full_search), choose_tolerance, target_macs_ratio)
     result = {
         "model": str(model_dir), "task": task, "max_seq_length": seq, "metric": "f1" if task == "squad" else "accuracy",
+        "cost": cfg.cost,
         "full": {"length_config": None, "macs": full_macs, "search": full_search, "report": full_report},
         "frontier": frontier, "chosen": chosen, "evaluated": len(points),
         "splits": {"data": str(eval_path), "search_examples": search_examples, "report_examples": report_examples,
@@ -248,6 +266,11 @@ def choose(frontier: list[dict], full_score: float, tolerance: float = 1.0,
         return max(ok, key=lambda p: score_of(p["search"])) if ok else None
     ok = [p for p in frontier if score_of(p["search"]) >= full_score - tolerance]
     return min(ok, key=lambda p: p["macs"]) if ok else None
+
+
+def _real_lengths(task: str, split) -> np.ndarray:
+    """Real (unpadded) token count of every input of a split."""
+    return (split[1].attention_mask if task == "squad" else split["attention_mask"]).sum(1)
 
 
 def _splits(eval_path: Path, tokenizer, meta: dict, seq: int, n_search: int, n_report: int):
@@ -282,7 +305,7 @@ def plot_pareto(result: dict, evaluated: dict[Config, tuple[int, float]], path: 
     ax.axhline(score_of(full["report"]) - 1.0, c="C1", lw=0.8, ls=":", label="full length - 1 (report)")
     if result["chosen"]:
         ax.plot(result["chosen"]["macs"] / 1e9, score_of(result["chosen"]["report"]), "kx", ms=10, label="chosen")
-    ax.set_xlabel("GMACs (batch 1)")
+    ax.set_xlabel("GMACs (batch 1" + (", mean over the real lengths)" if result.get("cost") == "real" else ")"))
     ax.set_ylabel(metric.upper() if metric == "f1" else "accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
