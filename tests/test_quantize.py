@@ -114,6 +114,33 @@ def test_plain_classifier_full_length(tmp_path_factory):
     assert_tracks_fp32(bundle, entry, {k: v for k, v in arrays.items() if k != "labels"})
 
 
+def int8_weights(path) -> np.ndarray:
+    """The int8 weights of every integer MatMul (static and dynamic) of a CPU INT8 graph, concatenated."""
+    model = onnx.load(str(path))
+    init = {t.name: t for t in model.graph.initializer}
+    return np.concatenate([onnx.numpy_helper.to_array(init[n.input[1]]).ravel() for n in model.graph.node
+                           if n.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul")])
+
+
+@pytest.mark.parametrize("vnni, reduce_range, seven_bit", [(False, None, True), (True, None, False), (True, True, True)])
+def test_weight_range_follows_the_cpu(bundle, monkeypatch, vnni, reduce_range, seven_bit):
+    """Without VNNI/AMX the default is 7-bit weights (no int16 saturation in U8S8 GEMMs); with it, full range."""
+    monkeypatch.setattr(quantize, "has_int8_dot_product", lambda: vnni)
+    (entry,) = quantize.quantize_bundle(bundle, SQUAD_TRAIN_SLICE, SQUAD_DEV_SLICE, graphs=["lat-full"],
+                                        reduce_range=reduce_range, **FAST)
+    assert entry["quantization"]["reduce_range"] is seven_bit
+    peak = np.abs(int8_weights(graph_path(bundle, entry)).astype(int)).max()
+    assert peak <= 64 if seven_bit else peak == 127
+
+
+def test_full_range_is_refused_without_vnni(bundle, monkeypatch):
+    monkeypatch.setattr(quantize, "has_int8_dot_product", lambda: False)
+    before = snapshot(bundle)
+    with pytest.raises(ToolchainError, match="no VNNI or AMX: full-range U8S8 MatMuls saturate"):
+        quantize.quantize_bundle(bundle, SQUAD_TRAIN_SLICE, SQUAD_DEV_SLICE, reduce_range=False, **FAST)
+    assert snapshot(bundle) == before
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(calib_data="missing-train.json"), "not found"),
     (dict(calib_samples=100_000), "fewer than the 100000 calibration samples"),

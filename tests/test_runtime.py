@@ -12,7 +12,7 @@ from conftest import SEQ, make_tiny_classifier_dir
 from transformers import AutoTokenizer
 
 from toolchain import runtime
-from toolchain.bundle import graph_path, latency_key, load_manifest
+from toolchain.bundle import graph_path, latency_key, load_manifest, update_manifest
 from toolchain.data.squad import SquadExample, build_features, postprocess
 from toolchain.errors import ToolchainError
 from toolchain.export import export
@@ -69,6 +69,21 @@ def test_budget_picks_int8_only_on_vnni(measured):
     why = {c["name"]: c["rejected"] for c in explain(sel)["candidates"]}
     assert "without VNNI" in why["lat-full-int8-cpu"] and "cuda execution provider" in why["lat-full-int8-cuda"]
     assert why["lat-full"] == "10 ms over the budget of 6 ms" and why["lat-32-12"] is None
+
+
+def test_reduce_range_int8_serves_without_vnni(measured, tmp_path):
+    bundle = shutil.copytree(measured, tmp_path / "bundle")
+
+    def seven_bit(manifest):
+        for g in manifest["graphs"]:
+            if g["name"] == "lat-full-int8-cpu":
+                g["quantization"] = {"reduce_range": True}
+
+    update_manifest(bundle, seven_bit)
+    sel = _load(bundle, NO_VNNI).select(budget_ms=6.0)
+    assert sel.entry["name"] == "lat-full-int8-cpu"
+    why = {c["name"]: c["rejected"] for c in explain(sel)["candidates"]}
+    assert "saturate" in why["lat-50-30-int8-cpu"]  # full range: still not served here
 
 
 def test_random_manifests_match_brute_force():
@@ -305,3 +320,15 @@ def test_bad_requests(measured, tmp_path):
         read_requests(path, QAPredictor.FIELDS, QAPredictor.REQUIRED)
     path.write_text('{"text": "fine"}\n{"text": "a", "text_pair": "b"}\n')
     assert read_requests(path, ClassifyPredictor.FIELDS, ClassifyPredictor.REQUIRED) == [("fine", None), ("a", "b")]
+
+
+def test_latency_keys_tell_cpu_generations_apart(monkeypatch):
+    """VMs name a Zen 1 and a Zen 4 alike ("AMD EPYC"); their latencies must not be mixed up."""
+    import toolchain.bundle as bundle_module
+
+    ids = set()
+    for generation in ("23.1", "25.17"):
+        info = {"model": "AMD EPYC", "generation": generation, "isa": ["AVX2"], "cores": 2}
+        monkeypatch.setattr(bundle_module, "cpu_info", lambda info=info: info)
+        ids.add(latency_key("cpu", 1))
+    assert ids == {"cpu:amd-epyc-23-1-2c:b1", "cpu:amd-epyc-25-17-2c:b1"}

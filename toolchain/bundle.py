@@ -56,17 +56,18 @@ def _slug(text: str) -> str:
 
 
 def machine_id(ep: str = "cpu") -> str:
-    """Hardware the numbers were taken on: CPU model and usable cores (``amd-epyc-2c``), or the GPU name."""
+    """Hardware the numbers were taken on: CPU model, family.model and usable cores (``amd-epyc-23-1-2c``), or the
+    GPU name."""
     if ep == "cuda":
         import torch
 
         return _slug(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else "unknown-gpu"
     cpu = cpu_info()
-    return f"{_slug(cpu['model'])}-{cpu['cores']}c"
+    return f"{_slug(cpu['model'] + ' ' + cpu['generation'])}-{cpu['cores']}c"
 
 
 def latency_key(ep: str, batch: int) -> str:
-    """Key of an entry's ``latency_ms``: ``"<ep>:<machine id>:b<batch>"``, e.g. ``"cpu:amd-epyc-2c:b1"``."""
+    """Key of an entry's ``latency_ms``: ``"<ep>:<machine id>:b<batch>"``, e.g. ``"cpu:amd-epyc-23-1-2c:b1"``."""
     if ep not in EPS:
         raise ToolchainError(f"unknown execution provider {ep!r}: choose one of {', '.join(EPS)}")
     return f"{ep}:{machine_id(ep)}:b{batch}"

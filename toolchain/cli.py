@@ -490,15 +490,17 @@ def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, graphs
 @click.option("--ep", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cpu: U8S8 QOperator (VNNI); cuda: S8S8 QDQ")
 @click.option("--max-trials", type=POSITIVE, default=3, show_default=True, help="tuning trials (each keeps more ops in fp32)")
+@click.option("--reduce-range/--full-range", default=None,
+              help="7-bit weights, exact on CPUs without VNNI/AMX (default: only when this CPU has neither)")
 @click.option("--seed", type=int, default=0, show_default=True)
 def quantize_cmd(bundle_dir, calib_data, eval_data, graphs, calib_samples, eval_examples, eval_skip, tolerance, ep,
-                 max_trials, seed):
+                 max_trials, reduce_range, seed):
     """Static INT8 (Neural Compressor) of a bundle's graphs, accuracy-aware, added to the bundle."""
     from toolchain.quantize import quantize_bundle
 
     names = [g for value in graphs for g in value.split(",") if g]
     for e in quantize_bundle(bundle_dir, calib_data, eval_data, names or None, calib_samples, eval_examples,
-                             tolerance, ep, seed, max_trials, eval_skip=eval_skip):
+                             tolerance, ep, seed, max_trials, eval_skip=eval_skip, reduce_range=reduce_range):
         q, m = e["quantization"], e["quantization"]["metric"]
         click.echo(f"{e['name']}: {m} {e['metrics'][m]:.2f} (fp32 {e['metrics']['fp32'][m]:.2f}); {q['fallback']} for: "
                    f"{', '.join(q['fallback_units']) or 'none'}; {q['size_ratio']:.0%} of fp32 size; {q['seconds']:.0f} s")

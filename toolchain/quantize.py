@@ -27,7 +27,13 @@ one thread).
 
 Formats per target:
 
-- ``cpu`` (VNNI): U8S8 (uint8 activations, int8 weights), QOperator. With requantized MatMul outputs the two formats
+- ``cpu`` (VNNI): U8S8 (uint8 activations, int8 weights), QOperator. On a CPU without VNNI or AMX, ONNX Runtime's
+  U8S8 GEMMs (AVX2 ``vpmaddubsw``) add pairs of uint8 x int8 products in int16 and saturate: on this project's Zen 1
+  machine a 64 x 384 x 384 ``MatMulInteger`` with full-range int8 weights got 99.9% of its outputs wrong (off by up
+  to 99,264 on random inputs). With 7-bit weights (``reduce_range``, -64..63) a pair cannot overflow and the result
+  is exact on every CPU, so ``reduce_range=None`` (auto) picks it when the quantizing CPU has no int8 dot product,
+  where a full-range graph's accuracy check would measure saturated outputs; full range is refused there. The
+  manifest records ``reduce_range``, and the runtime serves only reduce-range CPU graphs on such CPUs. With requantized MatMul outputs the two formats
   tied within 1.5% (MiniLM-L6-H384, seq 384, batch 1, 2 threads, ORT 1.31.1, medians of 60-100 interleaved runs).
   With fp32 outputs QDQ is slower: ORT dequantizes the whole embedding table before its Gather on every run (5.3 ms
   of 39.4 at one thread, lat-full), where a QOperator Gather reads the uint8 rows and dequantizes only those (32.5 ms).
@@ -38,6 +44,7 @@ Formats per target:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import tempfile
@@ -46,11 +53,13 @@ import warnings
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
+from onnx_neural_compressor.algorithms.post_training_quant.quantizer import StaticQuantizer
 from onnx_neural_compressor.quantization import config, tuning
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -60,6 +69,7 @@ from toolchain.bundle import add_graph, graph_path, load_manifest, prune_weights
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import Runner, evaluate_classify, evaluate_squad, session_runner
+from toolchain.hardware import cpu_info, has_int8_dot_product
 from toolchain.models import read_meta
 
 CALIB_BATCH = 8
@@ -142,14 +152,15 @@ def fold_bias(graph: onnx.GraphProto) -> None:
         graph.node.remove(add)
 
 
-def cpu_graph(model: onnx.ModelProto, out: Path) -> list[str]:
+def cpu_graph(model: onnx.ModelProto, out: Path, reduce_range: bool) -> list[str]:
     """Save INC's CPU graph to ``out`` with the biases folded into the integer MatMuls and the MatMuls static INT8
-    left out (fp32 weights) dynamically quantized; returns those MatMuls' names."""
+    left out (fp32 weights) dynamically quantized (7-bit weights with ``reduce_range``); returns those MatMuls'
+    names."""
     fold_bias(model.graph)
     names = [n.name for n in weight_nodes(model.graph) if n.op_type == "MatMul"]
     if names:
         quantize_dynamic(model, out, op_types_to_quantize=["MatMul"], nodes_to_quantize=names, per_channel=True,
-                         weight_type=QuantType.QInt8)
+                         weight_type=QuantType.QInt8, reduce_range=reduce_range)
     else:
         onnx.save(model, out)
     return names
@@ -239,13 +250,26 @@ def _select(manifest: dict, bundle_dir: Path, graphs: list[str] | None, ep: str)
     return todo
 
 
+@contextlib.contextmanager
+def _weight_range(reduce_range: bool):
+    """Make INC's static quantizer use 7-bit weights when ``reduce_range``: onnx-neural-compressor 1.0 accepts
+    ``StaticQuantConfig(reduce_range=True)`` but its ``static_quantize_entry`` builds the ``StaticQuantizer`` without
+    it, so the weights came out full range (checked by ``tests/test_quantize.py``)."""
+    if not reduce_range:
+        yield
+        return
+    with mock.patch.object(StaticQuantizer, "__init__", functools.partialmethod(StaticQuantizer.__init__,
+                                                                                reduce_range=True)):
+        yield
+
+
 def int8_name(parent: str, ep: str) -> str:
     """``lat-full`` -> ``lat-full-int8-cpu``."""
     return f"{parent}-int8-{ep}"
 
 
 def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, np.ndarray], evaluate: Evaluator,
-                    metric: str, tolerance: float, ep: str, max_trials: int) -> tuple[dict, Path]:
+                    metric: str, tolerance: float, ep: str, max_trials: int, reduce_range: bool) -> tuple[dict, Path]:
     """Tune one graph; returns (manifest entry, staged INT8 file) or raises ToolchainError with the best reached."""
     t0 = time.perf_counter()
     fp32_path, name = graph_path(bundle_dir, entry), entry["name"]
@@ -271,7 +295,7 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
         model = onnx.load(path)
         kept = {n.name for n in weight_nodes(model.graph)}
         if ep == "cpu":
-            cpu_graph(model, trial := work / f"{name}.trial.onnx")
+            cpu_graph(model, trial := work / f"{name}.trial.onnx", reduce_range)
             path = str(trial)
         trials.append({"fallback_units": [u for u, nodes in units.items() if kept.issuperset(nodes)],
                        "fp32_nodes": sorted(kept), "metrics": evaluate(_runner(path, ep))})
@@ -281,13 +305,15 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
     fmt, kwargs = FORMATS[ep]
     unit_list = list(units.values())
     configs = [config.StaticQuantConfig(nodes_to_exclude=[n for nodes in unit_list[:i] for n in nodes],
-                                        per_channel=True, calibration_sampling_size=reader.batches, **kwargs)
+                                        per_channel=True, reduce_range=reduce_range,
+                                        calibration_sampling_size=reader.batches, **kwargs)
                for i in range(min(max_trials, len(unit_list)))]
     goal = tuning.TuningConfig(configs, tolerable_loss=tolerance / fp32[metric] if fp32[metric] > 0 else 0.0,
                                max_trials=len(configs))
     try:
-        model = tuning.autotune(str(pre), goal, score, calibration_data_reader=reader,
-                                optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        with _weight_range(reduce_range):
+            model = tuning.autotune(str(pre), goal, score, calibration_data_reader=reader,
+                                    optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     except SystemExit:  # INC exits when no configuration is left to try
         model = None
     if model is None or not trials or trials[-1]["metrics"][metric] < fp32[metric] - tolerance:
@@ -303,14 +329,15 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
         if tensor.int32_data:
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
     if ep == "cpu":
-        dynamic = cpu_graph(model, out)
+        dynamic = cpu_graph(model, out, reduce_range)
     else:
         dynamic = []
         onnx.save(model, out)
     accepted, seconds = trials[-1], time.perf_counter() - t0
     quantization = {
         "tool": f"onnx-neural-compressor {version('onnx-neural-compressor')}", "format": fmt,
-        "activations": "int8" if ep == "cuda" else "uint8", "weights": "int8 per output channel",
+        "activations": "int8" if ep == "cuda" else "uint8",
+        "weights": f"{'7-bit (reduce_range) ' if reduce_range else ''}int8 per output channel", "reduce_range": reduce_range,
         "embeddings": f"{'int8' if ep == 'cuda' else 'uint8'} per tensor",
         "calibration": {"method": "MinMax", "samples": len(calib["input_ids"]), "seq_len": entry["max_seq_length"],
                         "preprocess": "onnxruntime quant_pre_process"},
@@ -318,7 +345,7 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
         "fallback": "dynamic int8" if ep == "cpu" else "fp32",
         "fp32_nodes": sorted(set(accepted["fp32_nodes"]) - set(dynamic)),
         "dynamic": {"op": "com.microsoft.DynamicQuantizeMatMul", "activations": "uint8 per tensor, range of each run",
-                    "weights": "int8 per output channel", "nodes": dynamic},
+                    "weights": "as the static ones", "nodes": dynamic},
         "trials": [{"fallback_units": t["fallback_units"], metric: t["metrics"][metric]} for t in trials],
         "size_ratio": round(out.stat().st_size / entry["size_bytes"], 4), "seconds": round(seconds, 1),
     }
@@ -350,12 +377,13 @@ def _commit(bundle_dir: Path, staged: list[tuple[dict, Path]]) -> None:
 def quantize_bundle(bundle_dir: str | Path, calib_data: str | Path, eval_data: str | Path,
                     graphs: list[str] | None = None, calib_samples: int = 300, eval_examples: int | None = None,
                     tolerance: float = 1.0, ep: str = "cpu", seed: int = 0, max_trials: int = 3,
-                    eval_skip: int = 0) -> list[dict]:
+                    eval_skip: int = 0, reduce_range: bool | None = None) -> list[dict]:
     """Static INT8 of the bundle's fp32 graphs (all, or ``graphs``) for ``ep`` (``cpu`` or ``cuda``).
 
     ``calib_samples`` feature rows from ``calib_data`` (a train split) calibrate each graph at its own length;
     ``eval_examples`` of ``eval_data`` after the first ``eval_skip`` of its seeded permutation (a dev split
-    disjoint from the search split; None = all) score it. Up to ``max_trials`` fallback
+    disjoint from the search split; None = all) score it. ``reduce_range``: 7-bit weights (exact on CPUs without
+    VNNI/AMX); None = on exactly when ``ep`` is cpu and this CPU has no int8 dot product. Up to ``max_trials`` fallback
     configurations are tried per graph. Returns the new manifest entries; raises ToolchainError, leaving the bundle
     unchanged, on bad input or when a graph cannot get within ``tolerance`` F1/accuracy points of its fp32 parent.
     """
@@ -363,6 +391,13 @@ def quantize_bundle(bundle_dir: str | Path, calib_data: str | Path, eval_data: s
         raise ToolchainError(f"unknown execution provider {ep!r}: choose one of {', '.join(FORMATS)}")
     if tolerance < 0 or calib_samples < 1 or max_trials < 1:
         raise ToolchainError("tolerance must be >= 0, calib_samples and max_trials >= 1")
+    if reduce_range is None:
+        reduce_range = ep == "cpu" and not has_int8_dot_product()
+    elif ep == "cpu" and not reduce_range and not has_int8_dot_product():
+        raise ToolchainError(f"this CPU ({cpu_info()['model']}, {', '.join(cpu_info()['isa']) or 'no AVX2'}) has no "
+                             "VNNI or AMX: full-range U8S8 MatMuls saturate in ONNX Runtime here, so the accuracy check "
+                             "would score wrong outputs; use --reduce-range (7-bit weights, exact on any CPU) or "
+                             "quantize on a CPU with VNNI")
     if Path(calib_data).is_file() and Path(calib_data).resolve() == Path(eval_data).resolve():
         raise ToolchainError(f"calibration and evaluation data are the same file ({calib_data}): calibrate on the "
                              "train split, score on a held-out dev split")
@@ -380,7 +415,7 @@ def quantize_bundle(bundle_dir: str | Path, calib_data: str | Path, eval_data: s
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Specified provider")  # cuda format calibrates on the CPU here
         staged = [_quantize_graph(bundle_dir, g, Path(tmp), *data[g["max_seq_length"]],
-                                  "f1" if task == "squad" else "accuracy", tolerance, ep, max_trials)
+                                  "f1" if task == "squad" else "accuracy", tolerance, ep, max_trials, reduce_range)
                   for g in selected]
         for entry, _ in staged:
             entry["metrics"]["data"] = str(eval_data)

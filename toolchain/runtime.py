@@ -3,8 +3,8 @@
 Selection happens in two steps. The *hardware filter* keeps the graphs this machine can run well: the execution
 provider is CUDA only when ``ep="cuda"`` or ``ep="auto"`` and CUDA really works (``hardware.cuda_usable``), else
 the CPU, with a note saying why CUDA is not used. On the CPU, INT8 graphs (U8S8, ``format`` qoperator or qdq,
-``ep`` cpu) are kept only when the CPU has VNNI or AMX: without an int8 dot product U8S8 GEMMs can saturate and
-are slow, so only fp32 graphs remain. On CUDA the candidates are the ``ep`` cuda INT8 graphs (S8S8 QDQ) and the
+``ep`` cpu) are kept only when the CPU has VNNI or AMX or the graph's weights are 7-bit (``reduce_range``): without
+an int8 dot product full-range U8S8 GEMMs saturate (wrong outputs), so only fp32 and reduce-range graphs remain. On CUDA the candidates are the ``ep`` cuda INT8 graphs (S8S8 QDQ) and the
 fp32 graphs. GEEP bundles are served by ``GeepPredictor`` (per-request exit depth, no selection policy).
 
 The *policy* then ranks the survivors (at most one of the three may be given):
@@ -103,8 +103,9 @@ class Hardware:
             return f"int8 graph made for the {entry['ep']} execution provider"
         if entry["format"] not in (("qoperator", "qdq") if ep == "cpu" else ("qdq",)):
             return f"int8 format {entry['format']!r} does not run on the {ep} execution provider"
-        if ep == "cpu" and not has_int8_dot_product(list(self.isa)):
-            return "int8 on a CPU without VNNI/AMX: U8S8 GEMMs can saturate and are slow"
+        exact_anywhere = entry.get("quantization", {}).get("reduce_range", False)
+        if ep == "cpu" and not has_int8_dot_product(list(self.isa)) and not exact_anywhere:
+            return "full-range int8 on a CPU without VNNI/AMX: its U8S8 GEMMs saturate (only reduce-range graphs are exact)"
         return None
 
 
