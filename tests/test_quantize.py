@@ -125,7 +125,7 @@ def int8_weights(path) -> np.ndarray:
 @pytest.mark.parametrize("vnni, reduce_range, seven_bit", [(False, None, True), (True, None, False), (True, True, True)])
 def test_weight_range_follows_the_cpu(bundle, monkeypatch, vnni, reduce_range, seven_bit):
     """Without VNNI/AMX the default is 7-bit weights (no int16 saturation in U8S8 GEMMs); with it, full range."""
-    monkeypatch.setattr(quantize, "has_int8_dot_product", lambda: vnni)
+    monkeypatch.setattr(quantize, "u8s8_saturates", lambda: not vnni)
     (entry,) = quantize.quantize_bundle(bundle, SQUAD_TRAIN_SLICE, SQUAD_DEV_SLICE, graphs=["lat-full"],
                                         reduce_range=reduce_range, **FAST)
     assert entry["quantization"]["reduce_range"] is seven_bit
@@ -134,7 +134,7 @@ def test_weight_range_follows_the_cpu(bundle, monkeypatch, vnni, reduce_range, s
 
 
 def test_full_range_is_refused_without_vnni(bundle, monkeypatch):
-    monkeypatch.setattr(quantize, "has_int8_dot_product", lambda: False)
+    monkeypatch.setattr(quantize, "u8s8_saturates", lambda: True)
     before = snapshot(bundle)
     with pytest.raises(ToolchainError, match="no VNNI or AMX: full-range U8S8 MatMuls saturate"):
         quantize.quantize_bundle(bundle, SQUAD_TRAIN_SLICE, SQUAD_DEV_SLICE, reduce_range=False, **FAST)

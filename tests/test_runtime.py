@@ -16,6 +16,7 @@ from toolchain.bundle import graph_path, latency_key, load_manifest, update_mani
 from toolchain.data.squad import SquadExample, build_features, postprocess
 from toolchain.errors import ToolchainError
 from toolchain.export import export
+from toolchain.hardware import u8s8_saturates
 from toolchain.runtime import (Bundle, ClassifyPredictor, Hardware, PREDICTORS, QAPredictor, explain,
                                read_requests, select)
 
@@ -84,6 +85,20 @@ def test_reduce_range_int8_serves_without_vnni(measured, tmp_path):
     assert sel.entry["name"] == "lat-full-int8-cpu"
     why = {c["name"]: c["rejected"] for c in explain(sel)["candidates"]}
     assert "saturate" in why["lat-50-30-int8-cpu"]  # full range: still not served here
+
+
+def test_full_range_int8_serves_on_arm(measured):
+    """The saturating int16 pair sum is in x86's kernels only: an ARM64 CPU (no x86 ISA names) gets full-range graphs."""
+    arm = Hardware(arch="aarch64")
+    assert _load(measured, arm).select(budget_ms=4.5).entry["name"] == "lat-50-30-int8-cpu"
+    assert _load(measured, Hardware()).select(budget_ms=4.5).entry["name"] != "lat-50-30-int8-cpu"
+
+
+@pytest.mark.parametrize("isa, arch, saturates", [
+    (["AVX2"], "x86_64", True), (["AVX512", "AVX2"], "x86_64", True), (["AVX-VNNI", "AVX2"], "x86_64", False),
+    (["AVX512-VNNI", "AVX512"], "AMD64", False), (["AMX"], "x86_64", False), ([], "aarch64", False)])
+def test_u8s8_saturation_by_cpu(isa, arch, saturates):
+    assert u8s8_saturates(isa, arch) is saturates
 
 
 def test_random_manifests_match_brute_force():

@@ -491,7 +491,7 @@ def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, graphs
               help="cpu: U8S8 QOperator (VNNI); cuda: S8S8 QDQ")
 @click.option("--max-trials", type=POSITIVE, default=3, show_default=True, help="tuning trials (each keeps more ops in fp32)")
 @click.option("--reduce-range/--full-range", default=None,
-              help="7-bit weights, exact on CPUs without VNNI/AMX (default: only when this CPU has neither)")
+              help="7-bit weights, exact on CPUs without VNNI/AMX (default: only on an x86 CPU with neither)")
 @click.option("--seed", type=int, default=0, show_default=True)
 def quantize_cmd(bundle_dir, calib_data, eval_data, graphs, calib_samples, eval_examples, eval_skip, tolerance, ep,
                  max_trials, reduce_range, seed):

@@ -37,10 +37,13 @@ def cpu_info() -> dict:
             "cores": cores}
 
 
-def has_int8_dot_product(isa: list[str] | None = None) -> bool:
-    """True when the CPU has VNNI/AMX: INT8 GEMMs are fast and u8s8 cannot saturate."""
+def u8s8_saturates(isa: list[str] | None = None, arch: str | None = None) -> bool:
+    """True on an x86 CPU without VNNI or AMX, where ONNX Runtime's U8S8 GEMM kernels (AVX2, AVX-512BW) add pairs of
+    uint8 x int8 products in int16 (``vpmaddubsw``), which overflows with full-range int8 weights. That step is
+    x86's: other CPUs (ARM64) are not flagged, and ``toolchain quantize``'s accuracy check runs there anyway."""
     isa = cpu_info()["isa"] if isa is None else isa
-    return any(name in isa for name in ("AMX", "AVX512-VNNI", "AVX-VNNI"))
+    on_x86 = (arch or platform.machine()).lower() in ("x86_64", "amd64", "i386", "i686")
+    return on_x86 and not any(name in isa for name in ("AMX", "AVX512-VNNI", "AVX-VNNI"))
 
 
 @lru_cache(maxsize=1)

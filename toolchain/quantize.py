@@ -31,7 +31,7 @@ Formats per target:
   U8S8 GEMMs (AVX2 ``vpmaddubsw``) add pairs of uint8 x int8 products in int16 and saturate: on this project's Zen 1
   machine a 64 x 384 x 384 ``MatMulInteger`` with full-range int8 weights got 99.9% of its outputs wrong (off by up
   to 99,264 on random inputs). With 7-bit weights (``reduce_range``, -64..63) a pair cannot overflow and the result
-  is exact on every CPU, so ``reduce_range=None`` (auto) picks it when the quantizing CPU has no int8 dot product,
+  is exact on every CPU, so ``reduce_range=None`` (auto) picks it when the quantizing CPU is an x86 without VNNI/AMX (``hardware.u8s8_saturates``),
   where a full-range graph's accuracy check would measure saturated outputs; full range is refused there. The
   manifest records ``reduce_range``, and the runtime serves only reduce-range CPU graphs on such CPUs. With requantized MatMul outputs the two formats
   tied within 1.5% (MiniLM-L6-H384, seq 384, batch 1, 2 threads, ORT 1.31.1, medians of 60-100 interleaved runs).
@@ -69,7 +69,7 @@ from toolchain.bundle import add_graph, graph_path, load_manifest, prune_weights
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import Runner, evaluate_classify, evaluate_squad, session_runner
-from toolchain.hardware import cpu_info, has_int8_dot_product
+from toolchain.hardware import cpu_info, u8s8_saturates
 from toolchain.models import read_meta
 
 CALIB_BATCH = 8
@@ -383,7 +383,7 @@ def quantize_bundle(bundle_dir: str | Path, calib_data: str | Path, eval_data: s
     ``calib_samples`` feature rows from ``calib_data`` (a train split) calibrate each graph at its own length;
     ``eval_examples`` of ``eval_data`` after the first ``eval_skip`` of its seeded permutation (a dev split
     disjoint from the search split; None = all) score it. ``reduce_range``: 7-bit weights (exact on CPUs without
-    VNNI/AMX); None = on exactly when ``ep`` is cpu and this CPU has no int8 dot product. Up to ``max_trials`` fallback
+    VNNI/AMX); None = on exactly when ``ep`` is cpu and this is an x86 CPU without VNNI/AMX. Up to ``max_trials`` fallback
     configurations are tried per graph. Returns the new manifest entries; raises ToolchainError, leaving the bundle
     unchanged, on bad input or when a graph cannot get within ``tolerance`` F1/accuracy points of its fp32 parent.
     """
@@ -392,8 +392,8 @@ def quantize_bundle(bundle_dir: str | Path, calib_data: str | Path, eval_data: s
     if tolerance < 0 or calib_samples < 1 or max_trials < 1:
         raise ToolchainError("tolerance must be >= 0, calib_samples and max_trials >= 1")
     if reduce_range is None:
-        reduce_range = ep == "cpu" and not has_int8_dot_product()
-    elif ep == "cpu" and not reduce_range and not has_int8_dot_product():
+        reduce_range = ep == "cpu" and u8s8_saturates()
+    elif ep == "cpu" and not reduce_range and u8s8_saturates():
         raise ToolchainError(f"this CPU ({cpu_info()['model']}, {', '.join(cpu_info()['isa']) or 'no AVX2'}) has no "
                              "VNNI or AMX: full-range U8S8 MatMuls saturate in ONNX Runtime here, so the accuracy check "
                              "would score wrong outputs; use --reduce-range (7-bit weights, exact on any CPU) or "

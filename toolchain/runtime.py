@@ -3,8 +3,8 @@
 Selection happens in two steps. The *hardware filter* keeps the graphs this machine can run well: the execution
 provider is CUDA only when ``ep="cuda"`` or ``ep="auto"`` and CUDA really works (``hardware.cuda_usable``), else
 the CPU, with a note saying why CUDA is not used. On the CPU, INT8 graphs (U8S8, ``format`` qoperator or qdq,
-``ep`` cpu) are kept only when the CPU has VNNI or AMX or the graph's weights are 7-bit (``reduce_range``): without
-an int8 dot product full-range U8S8 GEMMs saturate (wrong outputs), so only fp32 and reduce-range graphs remain. On CUDA the candidates are the ``ep`` cuda INT8 graphs (S8S8 QDQ) and the
+``ep`` cpu) are kept only when the CPU is not an x86 without VNNI/AMX or the graph's weights are 7-bit (``reduce_range``):
+there full-range U8S8 GEMMs saturate (wrong outputs), so only fp32 and reduce-range graphs remain. On CUDA the candidates are the ``ep`` cuda INT8 graphs (S8S8 QDQ) and the
 fp32 graphs. GEEP bundles are served by ``GeepPredictor`` (per-request exit depth, no selection policy).
 
 The *policy* then ranks the survivors (at most one of the three may be given):
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ from toolchain.errors import ToolchainError
 from toolchain.evaluate import run_batches, session_runner
 from toolchain.files import write_json
 from toolchain.geep_runtime import INPUT_NAMES, bucketed_predict, ort_depth_runner, ort_exit_predictor
-from toolchain.hardware import cpu_info, cuda_usable, has_int8_dot_product
+from toolchain.hardware import cpu_info, cuda_usable, u8s8_saturates
 from toolchain.models import check_task, read_meta
 
 log = logging.getLogger(__name__)
@@ -64,19 +65,21 @@ def _check_ep(ep: str) -> None:
 
 @dataclass(frozen=True)
 class Hardware:
-    """What the selector may use: CPU ISA names (as in ``cpu_info``), ONNX Runtime providers, and why CUDA fails
-    (``None`` when it works). Tests build one by hand; ``detect()`` reads this machine."""
+    """What the selector may use: CPU ISA names (as in ``cpu_info``) and architecture, ONNX Runtime providers, and
+    why CUDA fails (``None`` when it works). Tests build one by hand; ``detect()`` reads this machine."""
 
     isa: tuple[str, ...] = ()
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     cuda_error: str | None = None
+    arch: str = "x86_64"
 
     @classmethod
     def detect(cls) -> Hardware:
         import onnxruntime as ort
 
         ok, why = cuda_usable()
-        return cls(tuple(cpu_info()["isa"]), tuple(ort.get_available_providers()), None if ok else why)
+        return cls(tuple(cpu_info()["isa"]), tuple(ort.get_available_providers()), None if ok else why,
+                   platform.machine())
 
     def resolve_ep(self, ep: str) -> tuple[str, list[str]]:
         """(execution provider to use, notes): ``auto`` takes CUDA only when it works, with a note when it does not."""
@@ -104,7 +107,7 @@ class Hardware:
         if entry["format"] not in (("qoperator", "qdq") if ep == "cpu" else ("qdq",)):
             return f"int8 format {entry['format']!r} does not run on the {ep} execution provider"
         exact_anywhere = entry.get("quantization", {}).get("reduce_range", False)
-        if ep == "cpu" and not has_int8_dot_product(list(self.isa)) and not exact_anywhere:
+        if ep == "cpu" and u8s8_saturates(list(self.isa), self.arch) and not exact_anywhere:
             return "full-range int8 on a CPU without VNNI/AMX: its U8S8 GEMMs saturate (only reduce-range graphs are exact)"
         return None
 
