@@ -31,7 +31,7 @@ def cpu_info() -> dict:
     except OSError:
         pass
     model = fields.get("model name") or model
-    generation = ".".join(fields[k] for k in ("cpu family", "model") if k in fields) if "cpu family" in fields else ""
+    generation = f"{fields['cpu family']}.{fields.get('model', '')}" if "cpu family" in fields else ""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return {"model": model, "generation": generation, "isa": [name for flag, name in ISA_FLAGS.items() if flag in flags],
             "cores": cores}
@@ -81,7 +81,8 @@ def machine_summary(threads: int | None = None) -> dict:
 
     info = cpu_info()
     return {
-        "cpu": info["model"], "cpu_generation": info["generation"], "isa": info["isa"], "cores": info["cores"], "threads": threads,
+        "cpu": info["model"], "cpu_generation": info["generation"], "isa": info["isa"], "cores": info["cores"],
+        "threads": threads,
         "platform": platform.platform(), "ort_providers": onnxruntime.get_available_providers(),
         "versions": {"toolchain": __version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "transformers": transformers.__version__, "numpy": numpy.__version__,

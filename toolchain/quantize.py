@@ -31,9 +31,10 @@ Formats per target:
   U8S8 GEMMs (AVX2 ``vpmaddubsw``) add pairs of uint8 x int8 products in int16 and saturate: on this project's Zen 1
   machine a 64 x 384 x 384 ``MatMulInteger`` with full-range int8 weights got 99.9% of its outputs wrong (off by up
   to 99,264 on random inputs). With 7-bit weights (``reduce_range``, -64..63) a pair cannot overflow and the result
-  is exact on every CPU, so ``reduce_range=None`` (auto) picks it when the quantizing CPU is an x86 without VNNI/AMX (``hardware.u8s8_saturates``),
-  where a full-range graph's accuracy check would measure saturated outputs; full range is refused there. The
-  manifest records ``reduce_range``, and the runtime serves only reduce-range CPU graphs on such CPUs. With requantized MatMul outputs the two formats
+  is exact on every CPU, so ``reduce_range=None`` (auto) picks it when the quantizing CPU is an x86 without
+  VNNI/AMX (``hardware.u8s8_saturates``), where a full-range graph's accuracy check would measure saturated outputs;
+  full range is refused there. The manifest records ``reduce_range``, and the runtime serves only reduce-range CPU
+  graphs on such CPUs. With requantized MatMul outputs the two formats
   tied within 1.5% (MiniLM-L6-H384, seq 384, batch 1, 2 threads, ORT 1.31.1, medians of 60-100 interleaved runs).
   With fp32 outputs QDQ is slower: ORT dequantizes the whole embedding table before its Gather on every run (5.3 ms
   of 39.4 at one thread, lat-full), where a QOperator Gather reads the uint8 rows and dequantizes only those (32.5 ms).
@@ -250,17 +251,14 @@ def _select(manifest: dict, bundle_dir: Path, graphs: list[str] | None, ep: str)
     return todo
 
 
-@contextlib.contextmanager
-def _weight_range(reduce_range: bool):
+def _weight_range(reduce_range: bool) -> contextlib.AbstractContextManager:
     """Make INC's static quantizer use 7-bit weights when ``reduce_range``: onnx-neural-compressor 1.0 accepts
     ``StaticQuantConfig(reduce_range=True)`` but its ``static_quantize_entry`` builds the ``StaticQuantizer`` without
     it, so the weights came out full range (checked by ``tests/test_quantize.py``)."""
     if not reduce_range:
-        yield
-        return
-    with mock.patch.object(StaticQuantizer, "__init__", functools.partialmethod(StaticQuantizer.__init__,
-                                                                                reduce_range=True)):
-        yield
+        return contextlib.nullcontext()
+    return mock.patch.object(StaticQuantizer, "__init__",
+                             functools.partialmethod(StaticQuantizer.__init__, reduce_range=True))
 
 
 def int8_name(parent: str, ep: str) -> str:
@@ -337,7 +335,8 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
     quantization = {
         "tool": f"onnx-neural-compressor {version('onnx-neural-compressor')}", "format": fmt,
         "activations": "int8" if ep == "cuda" else "uint8",
-        "weights": f"{'7-bit (reduce_range) ' if reduce_range else ''}int8 per output channel", "reduce_range": reduce_range,
+        "weights": f"{'7-bit (reduce_range) ' if reduce_range else ''}int8 per output channel",
+        "reduce_range": reduce_range,
         "embeddings": f"{'int8' if ep == 'cuda' else 'uint8'} per tensor",
         "calibration": {"method": "MinMax", "samples": len(calib["input_ids"]), "seq_len": entry["max_seq_length"],
                         "preprocess": "onnxruntime quant_pre_process"},
@@ -383,8 +382,8 @@ def quantize_bundle(bundle_dir: str | Path, calib_data: str | Path, eval_data: s
     ``calib_samples`` feature rows from ``calib_data`` (a train split) calibrate each graph at its own length;
     ``eval_examples`` of ``eval_data`` after the first ``eval_skip`` of its seeded permutation (a dev split
     disjoint from the search split; None = all) score it. ``reduce_range``: 7-bit weights (exact on CPUs without
-    VNNI/AMX); None = on exactly when ``ep`` is cpu and this is an x86 CPU without VNNI/AMX. Up to ``max_trials`` fallback
-    configurations are tried per graph. Returns the new manifest entries; raises ToolchainError, leaving the bundle
+    VNNI/AMX); None = on exactly when ``ep`` is cpu and this is an x86 CPU without VNNI/AMX. Up to ``max_trials``
+    fallback configurations are tried per graph. Returns the new manifest entries; raises ToolchainError, leaving the bundle
     unchanged, on bad input or when a graph cannot get within ``tolerance`` F1/accuracy points of its fp32 parent.
     """
     if ep not in FORMATS:

@@ -3,9 +3,9 @@
 Selection happens in two steps. The *hardware filter* keeps the graphs this machine can run well: the execution
 provider is CUDA only when ``ep="cuda"`` or ``ep="auto"`` and CUDA really works (``hardware.cuda_usable``), else
 the CPU, with a note saying why CUDA is not used. On the CPU, INT8 graphs (U8S8, ``format`` qoperator or qdq,
-``ep`` cpu) are kept only when the CPU is not an x86 without VNNI/AMX or the graph's weights are 7-bit (``reduce_range``):
-there full-range U8S8 GEMMs saturate (wrong outputs), so only fp32 and reduce-range graphs remain. On CUDA the candidates are the ``ep`` cuda INT8 graphs (S8S8 QDQ) and the
-fp32 graphs. GEEP bundles are served by ``GeepPredictor`` (per-request exit depth, no selection policy).
+``ep`` cpu) are kept on an x86 CPU without VNNI/AMX only when their weights are 7-bit (``reduce_range``): there
+full-range U8S8 GEMMs saturate (wrong outputs). On CUDA the candidates are the ``ep`` cuda INT8 graphs (S8S8 QDQ) and
+the fp32 graphs. GEEP bundles are served by ``GeepPredictor`` (per-request exit depth, no selection policy).
 
 The *policy* then ranks the survivors (at most one of the three may be given):
 
