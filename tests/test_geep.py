@@ -16,8 +16,9 @@ from toolchain.errors import ToolchainError
 from toolchain.exit_predictor import ExitTable, exit_accuracy, export_predictor_onnx
 from toolchain.geep import (GeepModel, depth_accuracy, exit_layers, load_geep, normalized_entropy, shared_exit_loss,
                             train_geep)
-from toolchain.geep_runtime import (LayerStepper, OrtLayerStepper, sweep_geep, bucketed_predict, export_depth_graphs, fastbert_predict,
-                                    full_depth_predict, ort_depth_runner, ort_exit_predictor, torch_depth_runner)
+from toolchain.geep_runtime import (LayerStepper, OrtLayerStepper, _folds, bucketed_predict, export_depth_graphs,
+                                    fastbert_predict, full_depth_predict, ort_depth_runner, ort_exit_predictor,
+                                    profile_exits, sweep_geep, torch_depth_runner)
 from toolchain.training import TrainConfig, train
 
 
@@ -381,12 +382,60 @@ def test_sweep_geep(geep_checkpoint, tmp_path, backend):
             assert r["accuracy"] == metrics["accuracy"]  # padding trimming does not change answers
         if r["method"] == "geep":
             assert set(r["exit_accuracy"]) == {"exact", "within_1"}
-            assert (r["exit_table"]["tuned"] is not None) == (aggregation == "auto")
+            (table,) = r["exit_tables"]
+            assert (table["tuned"] is not None) == (aggregation == "auto")
             if aggregation == "auto":  # tuned for accuracy (the default) on held-out training samples
-                assert {"accuracy", "mean_exit", "within_tolerance"} <= set(r["exit_table"]["tuned"])
+                assert {"accuracy", "mean_exit", "within_tolerance"} <= set(table["tuned"])
+                assert r["tuning"] == "held-out fifth of the training samples"
     table = ExitTable.load(tmp_path / "exit_table-speed0.9.npz", tokenizer_vocab_size=30522)
     assert table.exit_histogram.sum() == 24
     for name in ("results.json", "accuracy-vs-throughput.png", "exit_predictor-speed0.5.onnx"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "geep-depth2.onnx").is_file() == (backend == "ort")
     assert set(report["summary"]) == {"batch1", "batch8"}
+
+
+def test_exit_table_tuned_on_held_out_tune_data(geep_checkpoint, tmp_path):
+    _, ckpt, _ = geep_checkpoint
+    tune_file = tmp_path / "tune.tsv"  # labelled rows the model was not trained on (the dev slice's)
+    tune_file.write_text(SST2_DEV_SLICE.read_text())
+    profile = profile_exits(ckpt, SST2_TRAIN_SLICE, SST2_DEV_SLICE, 24, 8, tune_path=tune_file)
+    assert len(profile.tune["labels"]) > len(profile.dev["labels"])  # the whole tune file, not --max-eval-examples
+    table, tuned = profile.fit_table(0.5, "auto", tolerance=0.0)
+    # the same as fitting on every training sample and tuning directly on the tune rows' per-depth correctness
+    train, tune = profile.train, profile.tune
+    want = ExitTable(table.vocab_size, table.num_layers).fit(
+        train["input_ids"], train["attention_mask"], exit_layers(profile.train_students, 0.5),
+        profile.tokenizer.all_special_ids)
+    correct = (profile.tune_teacher.argmax(-1) == tune["labels"][None]).T
+    assert want.tune_accuracy(tune["input_ids"], tune["attention_mask"], correct, 0.0) == tuned
+    assert tuned["full_accuracy"] == pytest.approx(100.0 * correct[:, -1].mean())
+    np.testing.assert_array_equal(table.predict(tune["input_ids"], tune["attention_mask"]),
+                                  want.predict(tune["input_ids"], tune["attention_mask"]))
+    with pytest.raises(ToolchainError, match="tune data .* is the training data"):
+        profile_exits(ckpt, SST2_TRAIN_SLICE, SST2_DEV_SLICE, 24, 8, tune_path=SST2_TRAIN_SLICE)
+    with pytest.raises(ToolchainError, match="not found: .*missing.tsv"):
+        profile_exits(ckpt, SST2_TRAIN_SLICE, SST2_DEV_SLICE, 24, 8, tune_path=tmp_path / "missing.tsv")
+
+
+def test_sweep_geep_cross_fits_when_tuned_on_the_eval_data(geep_checkpoint, tmp_path):
+    _, ckpt, _ = geep_checkpoint
+    report = sweep_geep(checkpoint_dir=ckpt, train_path=SST2_TRAIN_SLICE, eval_path=SST2_DEV_SLICE, speeds=[0.5],
+                        batches=[4], out_dir=tmp_path, max_train_examples=24, max_eval_examples=16, backend="torch",
+                        tune_path=SST2_DEV_SLICE, repeats=1)
+    (geep,) = [r for r in report["rows"] if r["method"] == "geep"]
+    assert geep["tuning"] == f"2-fold cross-fit on {SST2_DEV_SLICE}" and len(geep["exit_tables"]) == 2
+    folds = _folds(16, crossfit=True)
+    (first, tune_first), (second, tune_second) = folds
+    assert sorted([*first, *second]) == list(range(16)) and len(first) == 8
+    assert np.array_equal(first, tune_second) and np.array_equal(second, tune_first)
+    # every dev row gets its exit from the table tuned on the other half
+    profile = profile_exits(ckpt, SST2_TRAIN_SLICE, SST2_DEV_SLICE, 24, 16, tune_path=SST2_DEV_SLICE)
+    dev, depths = profile.dev, np.zeros(16, dtype=np.int64)
+    for i, (rows, tune_rows) in enumerate(folds, start=1):
+        table = ExitTable.load(tmp_path / f"exit_table-speed0.5-fold{i}.npz", tokenizer_vocab_size=30522)
+        assert profile.fit_table(0.5, "auto", tune_rows=tune_rows)[1] == geep["exit_tables"][i - 1]["tuned"]
+        depths[rows] = table.predict(dev["input_ids"][rows], dev["attention_mask"][rows])
+    assert geep["mean_depth"] == round(float(depths.mean()), 3)
+    with pytest.raises(ToolchainError, match="need at least 2 eval examples"):
+        _folds(1, crossfit=True)

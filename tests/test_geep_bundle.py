@@ -194,10 +194,14 @@ def test_bad_speed_tuning_and_existing_output_write_nothing(checkpoint, tmp_path
     assert result.exit_code == 2 and "already exists (use --force to replace it)" in result.output
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
-    result = CliRunner().invoke(main, [*args, "--force"])
+    result = CliRunner().invoke(main, [*args, "--force", "--aggregation", "auto", "--tune-data", str(SST2_DEV_SLICE)])
     assert result.exit_code == 0, result.output
     assert "geep-predictor" in result.output and not (out / "keep.txt").exists()
-    load_manifest(out, verify=True)
+    assert "warning: the exit table was tuned on the eval data" in result.output
+    *depths, predictor = load_manifest(out, verify=True)["graphs"]
+    # tuned on the same DEV eval rows the manifest scores: the full-depth accuracy it tuned against is depth 3's
+    assert predictor["tune_data"] == str(SST2_DEV_SLICE)
+    assert predictor["tuned"]["full_accuracy"] == pytest.approx(depths[-1]["metrics"]["accuracy"], abs=0.01)
 
 
 def test_parity_failure_writes_nothing(checkpoint, tmp_path, monkeypatch):

@@ -53,8 +53,12 @@ def _columns_options(f):
 
 def _exit_table_options(f):
     """GEEP exit-table options shared by bench-geep and export-geep (`--aggregation auto` tunes as `--tune-for` says)."""
+    f = click.option("--tune-data", type=click.Path(path_type=Path), default=None,
+                     help="labelled data held out from training to tune the auto aggregation on (default: a held-out "
+                          "fifth of --train-data, whose phrases the model has seen); bench-geep given its --eval-data "
+                          "cross-fits two halves")(f)
     f = click.option("--tolerance", type=float, default=1.0, show_default=True,
-                     help="accuracy points below full depth that --tune-for accuracy may give up (held-out train samples)")(f)
+                     help="accuracy points below full depth that --tune-for accuracy may give up (on the tune data)")(f)
     f = click.option("--tune-for", type=click.Choice(["accuracy", "exits"]), default="accuracy", show_default=True,
                      help="auto aggregation: fewest layers within --tolerance of full-depth accuracy, or best exit agreement")(f)
     return click.option("--aggregation", default="auto", show_default=True, help="auto | mean | max | quantile:Q")(f)
@@ -355,7 +359,7 @@ def train_geep_cmd(model_dir, train_data, eval_data, out_dir, max_seq_length, de
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="folder for results.json, the accuracy-vs-throughput PNG, table and graphs")
 def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_train_examples, max_eval_examples,
-                   aggregation, tune_for, tolerance, backend, device, out_dir):
+                   aggregation, tune_for, tolerance, tune_data, backend, device, out_dir):
     """Throughput and accuracy of GEEP vs full depth vs FastBERT-style exit, across speeds and batch sizes."""
     from toolchain.geep_runtime import sweep_geep
 
@@ -367,8 +371,7 @@ def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_tra
                         eval_path=eval_data or _default_data("classify", "dev"), speeds=speed_list,
                         batches=_int_list(batch, "--batch"), out_dir=out_dir, max_train_examples=max_train_examples,
                         max_eval_examples=max_eval_examples, aggregation=aggregation, tune_for=tune_for,
-                        tolerance=tolerance, backend=backend,
-                        device_name=device)
+                        tolerance=tolerance, tune_path=tune_data, backend=backend, device_name=device)
     click.echo(json.dumps(report["summary"], indent=2))
 
 
@@ -386,14 +389,18 @@ def bench_geep_cmd(checkpoint_dir, train_data, eval_data, speeds, batch, max_tra
 @_exit_table_options
 @click.option("--force", is_flag=True, help="replace an existing bundle")
 def export_geep_cmd(checkpoint_dir, speed, out_dir, train_data, eval_data, max_train_examples, max_eval_examples,
-                    aggregation, tune_for, tolerance, force):
+                    aggregation, tune_for, tolerance, tune_data, force):
     """Export a GEEP checkpoint's per-depth graphs and exit predictor into a verified bundle."""
     from toolchain.bundle import load_manifest
     from toolchain.geep_export import export_geep_bundle
 
-    out = export_geep_bundle(checkpoint_dir, train_data or _default_data("classify", "train"),
-                             eval_data or _default_data("classify", "dev"), out_dir, speed, max_train_examples,
-                             max_eval_examples, aggregation, tune_for, tolerance, force)
+    eval_data = eval_data or _default_data("classify", "dev")
+    out = export_geep_bundle(checkpoint_dir, train_data or _default_data("classify", "train"), eval_data, out_dir,
+                             speed, max_train_examples, max_eval_examples, aggregation, tune_for, tolerance, tune_data,
+                             force)
+    if aggregation == "auto" and tune_data is not None and tune_data.resolve() == Path(eval_data).resolve():
+        click.echo("warning: the exit table was tuned on the eval data, so the predictor's accuracy below is "
+                   "measured on the rows it was tuned on", err=True)
     for g in load_manifest(out, verify=False)["graphs"]:
         m = g["metrics"]
         click.echo(f"{g['name']}\t{g['macs'] / 1e9:.3f} GMACs\taccuracy {m['accuracy']:.2f}" + (

@@ -3,8 +3,8 @@
 The bundle holds one ONNX graph per exit depth (the encoder truncated there plus the shared classifier), each
 checked against PyTorch on dev rows, and the exit-predictor graph of the exit table fit at one `speed` exactly as
 `bench-geep` fits it (`ExitProfile.fit_table`: the training samples' FastBERT exits at that entropy threshold; with
-aggregation `auto` the aggregation and shift are tuned on a held-out fifth, by default for the fewest layers at an
-accuracy within `tolerance` of full depth). Layout and manifest: graphs/README.md.
+aggregation `auto` the aggregation and shift are tuned, on a labelled tune split or else a held-out fifth of the
+training samples, by default for the fewest layers at an accuracy within `tolerance` of full depth). Layout and manifest: graphs/README.md.
 """
 
 from __future__ import annotations
@@ -39,11 +39,12 @@ def depth_macs(config: PretrainedConfig, depth: int, seq: int, num_labels: int) 
 def export_geep_bundle(checkpoint_dir: str | Path, train_path: str | Path, eval_path: str | Path,
                        out_dir: str | Path, speed: float, max_train_examples: int | None = None,
                        max_eval_examples: int | None = None, aggregation: str = "auto", tune_for: str = "accuracy",
-                       tolerance: float = 1.0, force: bool = False) -> Path:
+                       tolerance: float = 1.0, tune_path: str | Path | None = None, force: bool = False) -> Path:
     """Write the bundle of a `train-geep` checkpoint at `out_dir` (replacing an existing one only with `force`).
 
     Nothing is written unless every depth graph matches PyTorch (max |logit difference| <= 1e-4, same labels)
-    and the predictor graph reproduces the exit table's predictions on the dev split.
+    and the predictor graph reproduces the exit table's predictions on the dev split. Tuned on the eval data itself
+    (`tune_path` = `eval_path`), the manifest's pipeline accuracy is measured on the rows it was tuned on.
     """
     speed = check_speed(speed)
     check_aggregation(aggregation)
@@ -51,7 +52,9 @@ def export_geep_bundle(checkpoint_dir: str | Path, train_path: str | Path, eval_
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if out_dir.exists() and not force:
         raise ToolchainError(f"output {out_dir} already exists (use --force to replace it)")
-    profile = profile_exits(checkpoint_dir, train_path, eval_path, max_train_examples, max_eval_examples)
+    tune_path = Path(tune_path) if tune_path is not None and aggregation == "auto" else None
+    profile = profile_exits(checkpoint_dir, train_path, eval_path, max_train_examples, max_eval_examples,
+                            tune_path=tune_path)
     model, seq, dev = profile.model, profile.seq, profile.dev
     inputs = {k: dev[k] for k in INPUT_NAMES}
     table, tuned = profile.fit_table(speed, aggregation, tune_for, tolerance)
@@ -89,6 +92,7 @@ def export_geep_bundle(checkpoint_dir: str | Path, train_path: str | Path, eval_
             "name": PREDICTOR, "file": predictor.name, "kind": "geep-predictor", **common, "macs": 0,
             "inputs": ["input_ids", "attention_mask"], "outputs": ["exit_layer"],
             "speed": speed, "aggregation": table.aggregation, "shift": table.shift, "tuned": tuned,
+            "tune_data": tune_path and str(tune_path),
             "vocab_size": table.vocab_size, "num_layers": table.num_layers, "train_examples": len(profile.train["labels"]),
             "metrics": {**exit_accuracy(exits, profile.dev_exits(speed)), "mean_exit": round(float(exits.mean()), 3),
                         "accuracy": round(100.0 * float((logits.argmax(-1) == dev["labels"]).mean()), 2), **scored},

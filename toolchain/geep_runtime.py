@@ -264,28 +264,33 @@ def _scores(logits: np.ndarray, depths: np.ndarray, labels: np.ndarray, seconds:
             "examples_per_second": round(len(labels) / max(seconds, 1e-9), 1)}
 
 
-def _fit_table(train: Inputs, exits: np.ndarray, num_layers: int, vocab: int, specials: list[int],
-               aggregation: str, correct: np.ndarray | None = None, tolerance: float = 1.0,
+def _fit_table(train: Inputs, exits: np.ndarray, num_layers: int, vocab: int, specials: list[int], aggregation: str,
+               target: np.ndarray, tolerance: float = 1.0, tune: tuple[Inputs, np.ndarray] | None = None,
                tune_fraction: float = 0.2) -> tuple[ExitTable, dict | None]:
-    """Fit the exit table; with aggregation 'auto', tune (aggregation, shift) on a held-out part first: for
-    accuracy within `tolerance` of full depth when `correct` ([N, L] per-depth correctness) is given, else
-    for agreement with the exit labels."""
+    """Fit the exit table on the training samples' exit labels; with aggregation 'auto', tune (aggregation, shift)
+    first: for accuracy within `tolerance` of full depth where the tuning target is per-depth correctness
+    [N, L], for agreement where it is exit labels [N]. Tuned on `tune` (inputs, target) when given, else on a
+    held-out part of the training samples (`target` is theirs), which the table being tuned does not see."""
     ids, mask = train["input_ids"], train["attention_mask"]
-    tuned = None
     table = ExitTable(vocab, num_layers)
-    if aggregation == "auto":
+    if aggregation != "auto":
+        table.set_aggregation(aggregation, 0.0)
+        return table.fit(ids, mask, exits, specials), None
+    if tune is None:
         held_out = max(1, int(round(len(ids) * tune_fraction)))
         if held_out >= len(ids):
             raise ToolchainError("need at least 2 training examples to tune the exit aggregation")
         order = np.random.default_rng(0).permutation(len(ids))
-        fit, tune = order[held_out:], order[:held_out]
+        fit, rows = order[held_out:], order[:held_out]
         table.fit(ids[fit], mask[fit], exits[fit], specials)
-        tuned = (table.tune(ids[tune], mask[tune], exits[tune]) if correct is None
-                 else table.tune_accuracy(ids[tune], mask[tune], correct[tune], tolerance))
-        table = ExitTable(vocab, num_layers)
-        table.set_aggregation(tuned["aggregation"], tuned["shift"])
+        tune = ({"input_ids": ids[rows], "attention_mask": mask[rows]}, target[rows])
     else:
-        table.set_aggregation(aggregation, 0.0)
+        table.fit(ids, mask, exits, specials)
+    feed, want = tune
+    tuned = (table.tune_accuracy(feed["input_ids"], feed["attention_mask"], want, tolerance) if want.ndim == 2
+             else table.tune(feed["input_ids"], feed["attention_mask"], want))
+    table = ExitTable(vocab, num_layers)
+    table.set_aggregation(tuned["aggregation"], tuned["shift"])
     return table.fit(ids, mask, exits, specials), tuned
 
 
@@ -304,11 +309,16 @@ def check_tuning(tune_for: str, tolerance: float) -> None:
         raise ToolchainError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
 
 
+def _same_file(a: Path | str, b: Path | str) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
 @dataclass(frozen=True)
 class ExitProfile:
     """A GEEP checkpoint, its tokenized train/dev splits (with labels), the students' logits at every depth on
     both and the shared classifier's ([L, N, C]): what exit labels, exit tables, their tuning, their dev exit
-    accuracy and the per-depth dev accuracy are built from."""
+    accuracy and the per-depth dev accuracy are built from. `tune` (with its logits) is the labelled split an
+    'auto' exit aggregation is tuned on, when there is one (it may be the dev split itself)."""
 
     model: GeepModel
     tokenizer: object
@@ -320,15 +330,31 @@ class ExitProfile:
     train_teacher: np.ndarray
     dev_students: np.ndarray
     dev_teacher: np.ndarray
+    tune: Inputs | None = None
+    tune_students: np.ndarray | None = None
+    tune_teacher: np.ndarray | None = None
 
-    def fit_table(self, speed: float, aggregation: str, tune_for: str = "accuracy",
-                  tolerance: float = 1.0) -> tuple[ExitTable, dict | None]:
+    def fit_table(self, speed: float, aggregation: str, tune_for: str = "accuracy", tolerance: float = 1.0,
+                  tune_rows: np.ndarray | None = None) -> tuple[ExitTable, dict | None]:
         """The exit table fit on the training samples' FastBERT exits at `speed` (and the tuning result for 'auto':
-        for the shared classifier's accuracy within `tolerance` of full depth, or for agreement with the exits)."""
+        for the shared classifier's accuracy within `tolerance` of full depth, or for agreement with the exits),
+        tuned on the tune split (its rows `tune_rows`, default all) or, without one, on a held-out fifth of the
+        training samples."""
         check_tuning(tune_for, tolerance)
-        correct = (self.train_teacher.argmax(-1) == self.train["labels"][None]).T if tune_for == "accuracy" else None
+
+        def target(split: Inputs, students: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+            if tune_for == "accuracy":  # [N, L]: is the shared classifier right at depth k
+                return (teacher.argmax(-1) == split["labels"][None]).T
+            return exit_layers(students, speed)
+
+        tune = None
+        if self.tune is not None:
+            rows = np.arange(len(self.tune["labels"])) if tune_rows is None else tune_rows
+            tune = ({k: self.tune[k][rows] for k in ("input_ids", "attention_mask")},
+                    target(self.tune, self.tune_students, self.tune_teacher)[rows])
         return _fit_table(self.train, exit_layers(self.train_students, speed), self.model.num_layers,
-                          len(self.tokenizer), self.tokenizer.all_special_ids, aggregation, correct, tolerance)
+                          len(self.tokenizer), self.tokenizer.all_special_ids, aggregation,
+                          target(self.train, self.train_students, self.train_teacher), tolerance, tune)
 
     def dev_exits(self, speed: float) -> np.ndarray:
         """The dev samples' FastBERT exits at `speed`: what the predictor's exit accuracy is scored against."""
@@ -336,16 +362,53 @@ class ExitProfile:
 
 
 def profile_exits(checkpoint_dir: Path, train_path: Path, eval_path: Path, max_train_examples: int | None,
-                  max_eval_examples: int | None, device: torch.device | str = "cpu") -> ExitProfile:
-    """Load a GEEP checkpoint, tokenize both splits at its max_seq_length and run its students on them."""
+                  max_eval_examples: int | None, device: torch.device | str = "cpu",
+                  tune_path: Path | None = None) -> ExitProfile:
+    """Load a GEEP checkpoint, tokenize the splits at its max_seq_length and run its students on them. A tune split
+    (`tune_path`, labelled, held out from training) may be the dev split itself; it may not be the train data."""
+    if tune_path is not None and _same_file(tune_path, train_path):
+        raise ToolchainError(f"tune data {tune_path} is the training data; tune on a labelled split held out from it")
     model, tokenizer, meta = load_geep(checkpoint_dir)
     columns = prepare.Columns.from_meta(meta)
     seq = meta.get("max_seq_length", 128)
-    _, train = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples)
-    _, dev = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
-    train_teacher, train_students = depth_logits(model, train, 64, device)
-    dev_teacher, dev_students = depth_logits(model, dev, 64, device)
-    return ExitProfile(model, tokenizer, meta, seq, train, dev, train_students, train_teacher, dev_students, dev_teacher)
+
+    def split(path: Path, limit: int | None) -> tuple[Inputs, np.ndarray, np.ndarray]:
+        _, inputs = prepare.classify_split(path, tokenizer, seq, meta["labels"], columns, limit)
+        return (inputs, *depth_logits(model, inputs, 64, device))
+
+    train, train_teacher, train_students = split(train_path, max_train_examples)
+    dev, dev_teacher, dev_students = split(eval_path, max_eval_examples)
+    tune = None, None, None
+    if tune_path is not None:
+        tune = (dev, dev_teacher, dev_students) if _same_file(tune_path, eval_path) else split(tune_path, None)
+    return ExitProfile(model, tokenizer, meta, seq, train, dev, train_students, train_teacher, dev_students, dev_teacher,
+                       tune[0], tune[2], tune[1])
+
+
+def _folds(n: int, crossfit: bool) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(dev rows it predicts, tune rows) of each exit table: one table for every row, or two (cross-fitting, when
+    the tune split is the dev split), each tuned on the other half of the dev rows."""
+    if not crossfit:
+        return [(np.arange(n), None)]
+    if n < 2:
+        raise ToolchainError("tuning on the eval data cross-fits two halves of it: need at least 2 eval examples")
+    order = np.random.default_rng(0).permutation(n)
+    first, second = np.sort(order[: n // 2]), np.sort(order[n // 2:])
+    return [(first, second), (second, first)]
+
+
+def _folded_predictor(folds: list[tuple[np.ndarray, np.ndarray | None]], predictors: list[ExitPredictor]) -> ExitPredictor:
+    """One exit predictor over all dev rows, each row's exit from the table of its fold."""
+    if len(predictors) == 1:
+        return predictors[0]
+
+    def predict(inputs: Inputs) -> np.ndarray:
+        depths = np.empty(len(inputs["input_ids"]), dtype=np.int64)
+        for (rows, _), predictor in zip(folds, predictors):
+            depths[rows] = predictor({k: v[rows] for k, v in inputs.items()})
+        return depths
+
+    return predict
 
 
 def _median_time(fn: Callable[[], T], repeats: int = 3) -> tuple[T, float]:
@@ -360,14 +423,16 @@ def _median_time(fn: Callable[[], T], repeats: int = 3) -> tuple[T, float]:
 
 def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speeds: list[float], batches: list[int],
                out_dir: Path, max_train_examples: int | None = None, max_eval_examples: int | None = None,
-               aggregation: str = "auto", tune_for: str = "accuracy", tolerance: float = 1.0, backend: str = "ort",
-               device_name: str = "cpu", repeats: int = 3) -> dict:
+               aggregation: str = "auto", tune_for: str = "accuracy", tolerance: float = 1.0,
+               tune_path: Path | None = None, backend: str = "ort", device_name: str = "cpu", repeats: int = 3) -> dict:
     """Accuracy and throughput of full depth, GEEP and FastBERT-style exit for every (speed, batch size).
 
     Exit labels are the students' FastBERT exits at each speed (train: for the table; dev: to report
-    the predictor's exit accuracy); an 'auto' aggregation is tuned on a held-out fifth of the training samples
-    for `tune_for` (see `ExitProfile.fit_table`). All three methods run on the same backend (per-depth graphs for
-    full/GEEP, per-layer graphs for FastBERT on ORT), padding trimmed per batch. Writes results.json,
+    the predictor's exit accuracy); an 'auto' aggregation is tuned for `tune_for` (see `ExitProfile.fit_table`) on
+    `tune_path`, or without one on a held-out fifth of the training samples. Tuning on the eval data itself
+    cross-fits: each half of the dev rows is predicted by a table tuned on the other half. All three methods run on
+    the same backend (per-depth graphs for full/GEEP, per-layer graphs for FastBERT on ORT), padding trimmed per
+    batch. Writes results.json,
     accuracy-vs-throughput.png, the exit tables and the graphs into `out_dir`.
     """
     for speed in speeds:
@@ -379,8 +444,15 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
     check_aggregation(aggregation)
     check_tuning(tune_for, tolerance)
     device = resolve_device(device_name)
-    profile = profile_exits(checkpoint_dir, train_path, eval_path, max_train_examples, max_eval_examples, device)
+    tune_path = tune_path if aggregation == "auto" else None
+    profile = profile_exits(checkpoint_dir, train_path, eval_path, max_train_examples, max_eval_examples, device,
+                            tune_path)
     model, dev = profile.model, profile.dev
+    crossfit = tune_path is not None and _same_file(tune_path, eval_path)
+    folds = _folds(len(dev["labels"]), crossfit)
+    tuning = None if aggregation != "auto" else (
+        "held-out fifth of the training samples" if tune_path is None
+        else f"2-fold cross-fit on {eval_path}" if crossfit else str(tune_path))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L, labels = model.num_layers, dev["labels"]
@@ -395,15 +467,21 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
         logits, t = _median_time(lambda: full_depth_predict(inputs, run_at_depth, L, batch), repeats)
         rows.append({"method": "full", "speed": None, "batch": batch, **_scores(logits, np.full(len(labels), L), labels, t)})
     for speed in speeds:
-        table, tuned = profile.fit_table(speed, aggregation, tune_for, tolerance)
-        table.save(out_dir / f"exit_table-speed{speed}.npz")
-        predictor = ort_exit_predictor(ort_session(export_predictor_onnx(table, out_dir / f"exit_predictor-speed{speed}.onnx")))
+        tables, predictors = [], []
+        for i, (_, tune_rows) in enumerate(folds, start=1):
+            table, tuned = profile.fit_table(speed, aggregation, tune_for, tolerance, tune_rows)
+            name = f"speed{speed}" + (f"-fold{i}" if crossfit else "")
+            table.save(out_dir / f"exit_table-{name}.npz")
+            graph = export_predictor_onnx(table, out_dir / f"exit_predictor-{name}.onnx")
+            predictors.append(ort_exit_predictor(ort_session(graph)))
+            tables.append({"aggregation": table.aggregation, "shift": table.shift, "tuned": tuned})
+        predictor = _folded_predictor(folds, predictors)
         dev_exits = profile.dev_exits(speed)
         for batch in batches:
             (g_logits, g_depths), t = _median_time(lambda: bucketed_predict(inputs, predictor, run_at_depth, batch), repeats)
             rows.append({"method": "geep", "speed": speed, "batch": batch, **_scores(g_logits, g_depths, labels, t),
                          "exit_accuracy": exit_accuracy(g_depths, dev_exits),
-                         "exit_table": {"aggregation": table.aggregation, "shift": table.shift, "tuned": tuned}})
+                         "exit_tables": tables, "tuning": tuning})
             (f_logits, f_depths), t = _median_time(lambda: fastbert_predict(stepper, inputs, speed, batch), repeats)
             rows.append({"method": "fastbert", "speed": speed, "batch": batch, **_scores(f_logits, f_depths, labels, t)})
     report = {"checkpoint": str(checkpoint_dir), "backend": backend, "device": device.type, "num_layers": L,
