@@ -412,6 +412,9 @@ def test_exit_table_tuned_on_held_out_tune_data(geep_checkpoint, tmp_path):
     assert tuned["full_accuracy"] == pytest.approx(100.0 * correct[:, -1].mean())
     np.testing.assert_array_equal(table.predict(tune["input_ids"], tune["attention_mask"]),
                                   want.predict(tune["input_ids"], tune["attention_mask"]))
+    # tuned for exits: agreement with the tune rows' own FastBERT exits
+    assert profile.fit_table(0.5, "auto", tune_for="exits")[1] == want.tune(
+        tune["input_ids"], tune["attention_mask"], exit_layers(profile.tune_students, 0.5))
     with pytest.raises(ToolchainError, match="tune data .* is the training data"):
         profile_exits(ckpt, SST2_TRAIN_SLICE, SST2_DEV_SLICE, 24, 8, tune_path=SST2_TRAIN_SLICE)
     with pytest.raises(ToolchainError, match="not found: .*missing.tsv"):
