@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import TOKENIZER_FILES, make_tiny_model_dir
-from toolchain import export as export_mod
+from toolchain import export as export_mod, quantize
 from toolchain.bundle import graph_path, load_manifest, update_manifest
 from toolchain.cli import main
 from toolchain.data import SST2_DEV_SLICE, SST2_TRAIN_SLICE
@@ -34,7 +34,7 @@ SEQ, TRAIN, DEV = 32, 48, 24
 # depths (5 / 26 / 17), and the max aggregation then predicts depth 2 or 3 for the dev texts (7 / 17)
 SPEED, AGGREGATION = 0.99, "max"
 EXPORT = dict(max_train_examples=TRAIN, max_eval_examples=DEV, aggregation=AGGREGATION)
-CPU = Hardware()  # no VNNI: fp32 only
+CPU = Hardware()  # x86 without VNNI: serves reduce-range INT8 only
 VNNI = Hardware(isa=("AVX512-VNNI",))
 
 
@@ -212,7 +212,11 @@ def test_parity_failure_writes_nothing(checkpoint, tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(180)
-def test_quantized_depth_graph_keeps_its_depth_and_is_served_on_vnni(copy):
+@pytest.mark.parametrize("quantizing_cpu_has_vnni", [True, False])
+def test_quantized_depth_graph_keeps_its_depth_and_is_served_where_exact(copy, monkeypatch, quantizing_cpu_has_vnni):
+    """Quantized as on a VNNI CPU (full-range weights), the INT8 depth graph is served only on VNNI; quantized as on an
+    AVX2-only CPU (7-bit weights, exact everywhere), on both. Whatever this host is."""
+    monkeypatch.setattr(quantize, "u8s8_saturates", lambda: not quantizing_cpu_has_vnni)
     result = CliRunner().invoke(main, ["quantize", "--bundle", str(copy), "--calib-data", str(SST2_TRAIN_SLICE),
                                        "--eval-data", str(SST2_DEV_SLICE), "--graphs", "geep-depth2", "--calib-samples",
                                        "8", "--eval-examples", "16", "--tolerance", "100"])
@@ -221,10 +225,12 @@ def test_quantized_depth_graph_keeps_its_depth_and_is_served_on_vnni(copy):
     assert (entry["name"], entry["kind"], entry["depth"], entry["parent"]) == (
         "geep-depth2-int8-cpu", "geep-exit", 2, "geep-depth2")
     assert (entry["precision"], entry["format"], entry["max_seq_length"]) == ("int8", "qoperator", SEQ)
+    assert entry["quantization"]["reduce_range"] is not quantizing_cpu_has_vnni
     assert entry["metrics"]["examples"] == entry["metrics"]["fp32"]["examples"] == 16
     assert "MatMulIntegerToFloat" in {n.op_type for n in onnx.load(str(graph_path(copy, entry))).graph.node}
 
-    assert GeepPredictor(copy, hardware=CPU).graphs[2]["name"] == "geep-depth2"
+    on_plain_cpu = "geep-depth2" if quantizing_cpu_has_vnni else "geep-depth2-int8-cpu"
+    assert GeepPredictor(copy, hardware=CPU).graphs[2]["name"] == on_plain_cpu
     predictor = GeepPredictor(copy, hardware=VNNI)
     assert [g["name"] for g in predictor.graphs.values()] == ["geep-depth1", "geep-depth2-int8-cpu", "geep-depth3"]
     for r in predictor.predict_batch(texts()):
