@@ -170,6 +170,9 @@ def test_step_args_paths_flags_and_lists(tmp_path):
                       "train-data": "{workdir}/t.json"}, tmp_path)
     assert args == ["--model", str(tmp_path / "ft"), "--out", "/abs/o", "--resume", "--graphs", "a,b", "--plots", str(tmp_path / "p"),
                     "--train-data", f"{tmp_path}/t.json"]
+    # false turns an on/off switch off, and is dropped for a plain flag
+    assert step_args({"group-by-length": False, "force": False}, tmp_path, frozenset({"group-by-length"})) == [
+        "--no-group-by-length"]
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")))

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -11,7 +12,7 @@ from toolchain.data import SQUAD_DEV_SLICE, SQUAD_TRAIN_SLICE, SST2_DEV_SLICE, S
 from toolchain.data.prepare import Columns
 from toolchain.finetune import finetune
 from toolchain.models import load_model, read_meta
-from toolchain.training import TrainConfig
+from toolchain.training import GROUP_BATCHES, TrainConfig, epoch_order
 
 
 def _run(tiny_model_dir, out, task="squad", **kw):
@@ -48,6 +49,46 @@ def test_classify_finetune_lowers_loss(tiny_model_dir, tmp_path):
     assert metrics["loss_last_20"] < 0.8 * metrics["loss_first"]
     assert 0 <= metrics["accuracy"] <= 100 and metrics["examples"] == 16
     assert read_meta(tmp_path / "cls")["labels"] == ["0", "1"]
+
+
+def test_epoch_order_groups_rows_of_similar_length():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 385, 16 * GROUP_BATCHES * 2 + 7)
+    plain = epoch_order(lengths, 16, seed=3, group_by_length=False)
+    assert np.array_equal(plain, np.random.default_rng(3).permutation(len(lengths)))  # the order before grouping
+    grouped = epoch_order(lengths, 16, seed=3, group_by_length=True)
+    assert np.array_equal(np.sort(grouped), np.arange(len(lengths)))  # every row once
+    assert np.array_equal(grouped, epoch_order(lengths, 16, seed=3, group_by_length=True))
+    assert not np.array_equal(grouped, epoch_order(lengths, 16, seed=4, group_by_length=True))
+
+    def padded(order):  # tokens a pass costs when every batch is cut to its longest row
+        return sum(lengths[order[i:i + 16]].max() * len(order[i:i + 16]) for i in range(0, len(order), 16))
+
+    assert padded(grouped) < 0.7 * padded(plain)
+    last_window = plain[16 * GROUP_BATCHES * 2:]  # the short batch stays last: the last window's shortest rows
+    assert np.array_equal(np.sort(lengths[grouped[-7:]]), np.sort(lengths[last_window]))
+    firsts = [lengths[grouped[i:i + 16]].max() for i in range(0, 16 * GROUP_BATCHES, 16)]
+    assert firsts != sorted(firsts, reverse=True)  # batches are shuffled, not served longest first
+
+
+def test_training_batches_are_cut_to_their_longest_row(tiny_model_dir, tmp_path):
+    """Each step sees its batch without the padding columns all its rows share; answers are the same either way."""
+    import toolchain.finetune as ft
+
+    widths, real = [], ft.hf_loss
+
+    def spy(model, batch):
+        mask = batch["attention_mask"]
+        widths.append((mask.shape[1], int(mask.sum(1).max())))
+        return real(model, batch)
+
+    ft.hf_loss = spy
+    try:
+        _run(tiny_model_dir, tmp_path / "ft", cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=4))
+    finally:
+        ft.hf_loss = real
+    assert widths and all(width == longest for width, longest in widths)
+    assert min(w for w, _ in widths) < 96  # the data was padded to 96
 
 
 def test_resume_continues_from_saved_state(tiny_model_dir, tmp_path):

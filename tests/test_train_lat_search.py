@@ -49,10 +49,11 @@ def test_one_step_runs_every_sandwich_pass(tiny_ft):
 
     model.forward = spy
     torch.manual_seed(0)
-    batch = {"input_ids": torch.randint(1000, 2000, (2, 64)), "attention_mask": torch.ones(2, 64, dtype=torch.long),
-             "token_type_ids": torch.zeros(2, 64, dtype=torch.long),
+    # a batch cut to 48 tokens of data padded to 64: configurations are still drawn at 64
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 48)), "attention_mask": torch.ones(2, 48, dtype=torch.long),
+             "token_type_ids": torch.zeros(2, 48, dtype=torch.long),
              "start_positions": torch.tensor([3, 5]), "end_positions": torch.tensor([4, 9])}
-    loss = sandwich_loss_fn(SandwichConfig(num_sandwich=2), seed=0)(model, batch)
+    loss = sandwich_loss_fn(SandwichConfig(num_sandwich=2), seed=0, max_seq_length=64)(model, batch)
     loss.backward()
     assert len(seen) == 4 and seen[0] == (None, None)  # full model first, then smallest + 2 random
     assert seen[1][0] == (52, 42)  # smallest: ceil(prev * 0.8) at every layer, from 64

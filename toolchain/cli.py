@@ -80,6 +80,8 @@ TRAIN_OPTIONS = [
     click.option("--precision", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), show_default=True,
                  help="bf16/fp16 autocast needs CUDA"),
     click.option("--save-steps", type=POSITIVE, default=100, show_default=True, help="resume state every N steps"),
+    click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+                 help="batch rows of similar length (each batch is cut to its longest row either way)"),
     click.option("--resume", is_flag=True, help="continue an interrupted run with the same settings"),
     click.option("--force", is_flag=True, help="replace an existing output folder"),
 ]
@@ -95,7 +97,7 @@ def _train_config(kw: dict):
     from toolchain.training import TrainConfig
 
     return TrainConfig(**{k: kw.pop(k) for k in ("epochs", "lr", "batch_size", "grad_accum", "seed", "precision",
-                                                 "save_steps")})
+                                                 "save_steps", "group_by_length")})
 
 
 @main.command()

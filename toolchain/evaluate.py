@@ -77,9 +77,12 @@ def session_runner(session, names: Sequence[str] | None = None) -> Runner:
 
 
 def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The batch cut to its longest row (the padding columns every row shares dropped)."""
-    length = max(1, int(batch["attention_mask"].sum(1).max()))
-    return {k: np.ascontiguousarray(v[:, :length]) for k, v in batch.items()}
+    """The batch cut to its longest row: the padding columns every row shares dropped from each per-token array
+    (2-D, as wide as the attention mask); other arrays (labels, answer positions) pass through."""
+    mask = batch["attention_mask"]
+    length = max(1, int(mask.sum(1).max()))
+    return {k: np.ascontiguousarray(v[:, :length]) if v.ndim == 2 and v.shape[1] == mask.shape[1] else v
+            for k, v in batch.items()}
 
 
 def run_batches(run: Runner, inputs: Callable[[slice | np.ndarray], dict[str, np.ndarray]], n: int, batch_size: int,

@@ -39,8 +39,9 @@ def load_recipe(path: Path) -> dict:
     return recipe
 
 
-def step_args(options: dict, workdir: Path) -> list[str]:
-    """Click arguments for one step's options (True -> flag, lists -> comma-joined)."""
+def step_args(options: dict, workdir: Path, negatable: frozenset[str] = frozenset()) -> list[str]:
+    """Click arguments for one step's options (True -> flag, False -> `--no-KEY` for the ``negatable`` on/off
+    switches and omitted otherwise, lists -> comma-joined)."""
     args = []
     for key, value in options.items():
         if isinstance(value, str):
@@ -49,7 +50,10 @@ def step_args(options: dict, workdir: Path) -> list[str]:
                 value = str(workdir / value)
         if value is True:
             args.append(f"--{key}")
-        elif value is False or value is None:
+        elif value is False:
+            if key in negatable:
+                args.append(f"--no-{key}")
+        elif value is None:
             continue
         else:
             args += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
@@ -66,7 +70,9 @@ def run_recipe(path: Path, main: click.Group, only: tuple[str, ...] = ()) -> Non
         command = main.get_command(click.Context(main), name)
         if command is None:
             raise ToolchainError(f"{path}: step {i} names unknown command {name!r}")
-        args = step_args(options, workdir)
+        negatable = frozenset(o[len("--no-"):] for p in command.params for o in getattr(p, "secondary_opts", [])
+                              if o.startswith("--no-"))
+        args = step_args(options, workdir, negatable)
         out = options.get("out", options.get("json"))  # a step's output: its folder, or its JSON report
         label = f"[{i}/{len(steps)}] {name}"
         if only and name not in only:

@@ -56,13 +56,17 @@ def _kl(student: list[torch.Tensor], teacher: list[torch.Tensor], t: float) -> t
                for s, te in zip(student, teacher)) / len(student)
 
 
-def sandwich_loss_fn(sandwich: SandwichConfig, seed: int):
-    """A `loss_fn(model, batch)` for `training.train` implementing the sandwich rule with in-place distillation."""
+def sandwich_loss_fn(sandwich: SandwichConfig, seed: int, max_seq_length: int):
+    """A `loss_fn(model, batch)` for `training.train` implementing the sandwich rule with in-place distillation.
+
+    Length configurations are sampled at ``max_seq_length``, the length the data was padded to, as LAT does: a
+    batch cut to its longest row keeps at most the tokens it has, exactly the real tokens it would keep padded.
+    """
     rng = random.Random(seed)
 
     def loss_fn(model: LengthAdaptiveModel, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        seq_len, layers = batch["input_ids"].shape[1], model.num_layers
+        seq_len, layers = max_seq_length, model.num_layers
         full = _outputs(model(**inputs))
         teacher = [o.detach() for o in full]
         loss = _label_loss(full, batch)
@@ -116,7 +120,7 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     else:
         _, data = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples,
                                          cfg.seed, skip=train_skip)
-    losses = train(model, data, sandwich_loss_fn(sandwich, cfg.seed), cfg, device, partial, resume, desc="train-lat")
+    losses = train(model, data, sandwich_loss_fn(sandwich, cfg.seed, seq), cfg, device, partial, resume, desc="train-lat")
     seconds = time.time() - t0
     run = torch_runner(model, device)
     if task == "squad":

@@ -2,6 +2,8 @@
 
 The caller supplies the batches (numpy arrays) and a `loss_fn(model, batch) -> loss`; this module
 owns devices, mixed precision, gradient accumulation, the LR schedule, progress and resume state.
+Every batch is cut to its longest row, and by default batches are drawn from rows of similar length
+(`epoch_order`), so little of a step is spent on padding.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from toolchain.errors import ToolchainError
+from toolchain.evaluate import trim_padding
 from toolchain.files import atomic_path
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+GROUP_BATCHES = 50  # length grouping sorts rows within windows of this many batches (Hugging Face's mega-batches)
 
 
 @dataclass
@@ -33,6 +37,7 @@ class TrainConfig:
     seed: int = 42
     precision: str = "fp32"
     save_steps: int = 100
+    group_by_length: bool = True
 
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "save_steps"):
@@ -54,6 +59,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
+
+
+def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool) -> np.ndarray:
+    """One epoch's row order: a seeded permutation. With ``group_by_length`` each window of GROUP_BATCHES batches
+    of it is sorted longest first and the full batches cut from the windows are shuffled (a short last batch stays
+    last): every batch holds rows of similar length, the batch order stays random."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    if not group_by_length:
+        return order
+    window = batch_size * GROUP_BATCHES
+    order = np.concatenate([w[np.argsort(-lengths[w], kind="stable")]
+                            for w in np.split(order, range(window, len(order), window))])
+    full = len(order) // batch_size
+    batches = order[:full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), order[full * batch_size:]])
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
@@ -109,14 +130,15 @@ def train(model: torch.nn.Module, data: dict[str, np.ndarray], loss_fn: Callable
 
     bar = tqdm(total=total_steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
     micro = step * cfg.grad_accum
+    lengths = data["attention_mask"].sum(1)
     order = None
     accumulated = 0.0
     while micro < total_micro:
         epoch, pos = divmod(micro, micro_per_epoch)
         if pos == 0 or order is None:
-            order = np.random.default_rng(cfg.seed + epoch).permutation(n)
+            order = epoch_order(lengths, cfg.batch_size, cfg.seed + epoch, cfg.group_by_length)
         idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
-        batch = to_device({k: v[idx] for k, v in data.items()}, device)
+        batch = to_device(trim_padding({k: v[idx] for k, v in data.items()}), device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = loss_fn(model, batch) / cfg.grad_accum
         scaler.scale(loss).backward()
