@@ -72,7 +72,7 @@ def test_epoch_order_groups_rows_of_similar_length():
 
 
 def test_training_batches_are_cut_to_their_longest_row(tiny_model_dir, tmp_path):
-    """Each step sees its batch without the padding columns all its rows share; answers are the same either way."""
+    """Each step sees its batch without the padding columns all its rows share."""
     import toolchain.finetune as ft
 
     widths, real = [], ft.hf_loss

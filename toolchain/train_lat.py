@@ -66,12 +66,12 @@ def sandwich_loss_fn(sandwich: SandwichConfig, seed: int, max_seq_length: int):
 
     def loss_fn(model: LengthAdaptiveModel, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        seq_len, layers = max_seq_length, model.num_layers
+        layers = model.num_layers
         full = _outputs(model(**inputs))
         teacher = [o.detach() for o in full]
         loss = _label_loss(full, batch)
-        configs = [smallest_length_config(layers, seq_len, sandwich.length_drop_ratio_bound)]
-        configs += [sample_length_config(layers, seq_len, sandwich.length_drop_ratio_bound, rng)
+        configs = [smallest_length_config(layers, max_seq_length, sandwich.length_drop_ratio_bound)]
+        configs += [sample_length_config(layers, max_seq_length, sandwich.length_drop_ratio_bound, rng)
                     for _ in range(sandwich.num_sandwich)]
         for cfg in configs:
             mask = sample_layer_mask(layers, sandwich.layer_drop_prob, rng)
