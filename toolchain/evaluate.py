@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from toolchain.data.metric import squad_scores
 from toolchain.data.squad import SquadExample, SquadFeatures, gold_answers, postprocess
+from toolchain.errors import ToolchainError
 
 Runner = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, ...]]
 PER_TOKEN = ("start_logits", "end_logits")  # QA outputs, one value per token
@@ -28,14 +29,10 @@ def take(items: list, n: int | None, seed: int = 0, skip: int = 0) -> list:
     Disjoint splits of one set are `take(x, a)` and `take(x, b, skip=a)`; n=None takes the rest.
     """
     if n is not None and n <= 0:
-        from toolchain.errors import ToolchainError
-
         raise ToolchainError(f"example counts must be positive, got {n}")
     if skip == 0 and (n is None or n >= len(items)):
         return list(items)
     if n is not None and skip + n > len(items):
-        from toolchain.errors import ToolchainError
-
         raise ToolchainError(f"asked for {n} examples after skipping {skip}, but the data has only {len(items)}")
     perm = np.random.default_rng(seed).permutation(len(items))
     return [items[i] for i in np.sort(perm[skip:None if n is None else skip + n])]
@@ -106,7 +103,6 @@ def run_batches(run: Runner, inputs: Callable[[slice | np.ndarray], dict[str, np
         for out, o in zip(outs, got):
             out[rows, :o.shape[1]] = o
     return tuple(outs or ())
-
 
 
 def evaluate_squad(run: Runner, examples: list[SquadExample], features: SquadFeatures,
