@@ -101,11 +101,11 @@ def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tm
     for a, b in zip(front, front[1:]):
         assert a["macs"] < b["macs"] and a["search"]["f1"] < b["search"]["f1"]
     assert result["evaluated"] >= 4
-    # a resumed search with the cache evaluates nothing new
-    lines = (tmp_path / "s" / "search-cache.jsonl").read_text().splitlines()
+    # a search resumed with both splits' caches evaluates nothing; with the search split's only, just the report split
     partial = tmp_path / ".s2.partial"
     partial.mkdir()
-    (partial / "search-cache.jsonl").write_text("\n".join(lines) + "\n")
+    for name in ("search-cache.jsonl", "report-cache.jsonl"):
+        (partial / name).write_text((tmp_path / "s" / name).read_text())
     import toolchain.search as s
 
     calls = {"n": 0}
@@ -118,10 +118,15 @@ def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tm
     s.evaluate_squad = counting
     try:
         again = search(out_dir=tmp_path / "s2", cfg=cfg, resume=True, **kwargs)
+        assert calls["n"] == 0
+        partial = tmp_path / ".s3.partial"
+        partial.mkdir()
+        (partial / "search-cache.jsonl").write_text((tmp_path / "s" / "search-cache.jsonl").read_text())
+        search(out_dir=tmp_path / "s3", cfg=cfg, resume=True, **kwargs)
     finally:
         s.evaluate_squad = real
     assert again["frontier"] == result["frontier"]
-    assert calls["n"] == 1 + len(front)  # only the report split is scored again
+    assert calls["n"] == 1 + len(front)  # full length and every frontier point on the report split
 
 
 def test_search_real_cost_counts_the_split_at_its_real_lengths(tiny_lat, tmp_path):

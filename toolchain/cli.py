@@ -215,7 +215,7 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
               help="length-adaptive checkpoint (toolchain train-lat)")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="dev set (default: packaged slice)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="folder for pareto.json, pareto.png and the evaluation cache")
+              help="folder for pareto.json, pareto.png and the evaluation caches (search and report split)")
 @click.option("--search-examples", type=POSITIVE, default=200, show_default=True, help="dev examples scored in the search")
 @click.option("--report-examples", type=POSITIVE, default=200, show_default=True, help="disjoint dev examples for reporting")
 @click.option("--iterations", type=POSITIVE, default=30, show_default=True)

@@ -159,9 +159,9 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
            cfg: SearchConfig, device_name: str, choose_tolerance: float = 1.0, batch_size: int = 64,
            resume: bool = False, force: bool = False, target_macs_ratio: float | None = None,
            max_seq_length: int | None = None, engine: str = "auto") -> dict:
-    """Run the evolutionary search; write pareto.json, pareto.png and the evaluation cache into `out_dir`.
+    """Run the evolutionary search; write pareto.json, pareto.png and the evaluation caches into `out_dir`.
 
-    Work happens in a hidden `.NAME.partial` folder beside `out_dir` (the resumable cache), renamed
+    Work happens in a hidden `.NAME.partial` folder beside `out_dir` (the resumable caches of both splits), renamed
     to `out_dir` when the search is complete. `max_seq_length` (default: the checkpoint's) is the
     sequence length the configurations are searched, costed and later exported at. `engine` scores
     candidates with PyTorch or with ONNX Runtime graphs (see `resolve_engine`).
@@ -232,7 +232,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     front = pareto_front(points)
 
     full_search = scorer(None)
-    reporter = Scorer(model, task, report_split, device, None, batch_size, engine)
+    reporter = Scorer(model, task, report_split, device, partial / "report-cache.jsonl", batch_size, engine)
     full_report = reporter(None)
     frontier = [{"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
                  "search": scorer(c), "report": reporter(c)} for c in tqdm(front, desc="report split", leave=False)]
