@@ -253,12 +253,15 @@ def test_malformed_pareto(checkpoint, tmp_path, text, match):
 
 @pytest.mark.timeout(120)
 def test_export_pareto_with_measured_optimization(checkpoint, tmp_path):
-    pareto = {"frontier": [{"length_config": [50, 30], "macs": 1, "f1": 80.0}, {"length_config": [32, 12], "macs": 2}],
-              "baseline": {"f1": 81.0}}
+    # the chosen configuration is exported even when it is off the frontier (a selection split chose it)
+    pareto = {"frontier": [{"length_config": [50, 30], "macs": 1, "f1": 80.0}],
+              "chosen": {"length_config": [32, 12], "macs": 2, "report": {"f1": 70.5, "questions": 9}}}
     (tmp_path / "pareto.json").write_text(json.dumps(pareto))
     out = export_pareto(checkpoint, tmp_path / "pareto.json", tmp_path / "b")
-    graphs = load_manifest(out)["graphs"]
-    assert [g["name"] for g in graphs] == NAMES
+    manifest = load_manifest(out)
+    graphs = manifest["graphs"]
+    assert [g["name"] for g in graphs] == NAMES and manifest["chosen"] == NAMES[2] == "lat-32-12"
+    assert graphs[2]["metrics"]["f1"] == 70.5
     record = graphs[0]["optimization"]
     assert record["selected"] == "auto" and record["method"] in OPTIMIZATIONS and record["measured_on"] == "lat-full"
     assert record["candidates"]["none"]["median_ms"] > 0

@@ -192,6 +192,38 @@ def test_choose_by_tolerance_or_mac_target():
     assert choose(front, 50.0, target_macs_ratio=0.3) is None
 
 
+def test_selection_split_rescores_the_best_at_the_target_and_chooses_on_both_splits(tiny_lat, tmp_path):
+    from toolchain.search import pooled_score, select
+
+    assert pooled_score({"f1": 60.0, "questions": 1000}, {"f1": 66.0, "questions": 2000}) == 64.0
+    lucky = {"search": {"f1": 70.0, "questions": 10}, "select": {"f1": 50.0, "questions": 30}}
+    steady = {"search": {"f1": 65.0, "questions": 10}, "select": {"f1": 60.0, "questions": 30}}
+    assert select([lucky, steady]) is steady and select([]) is None
+
+    cfg = SearchConfig(iterations=1, population=4, parents=2, mutations=3, crossovers=3, seed=1)
+    kwargs = dict(model_dir=tiny_lat, eval_path=SQUAD_DEV_SLICE, search_examples=10, report_examples=10,
+                  cfg=cfg, device_name="cpu", batch_size=16)
+    with pytest.raises(ToolchainError, match="needs --target-macs-ratio"):
+        search(out_dir=tmp_path / "x", select_examples=10, **kwargs)
+    result = search(out_dir=tmp_path / "s", target_macs_ratio=0.9, select_examples=12, select_top=3, **kwargs)
+    # the candidates: the 3 most accurate evaluated configurations at <= 90% MACs on the search split, best first
+    from transformers import AutoConfig
+
+    from toolchain.macs import count_macs
+
+    config, seq, full = AutoConfig.from_pretrained(tiny_lat), result["max_seq_length"], result["full"]["macs"]
+    cache = [json.loads(line) for line in (tmp_path / "s" / "search-cache.jsonl").read_text().splitlines()]
+    at_target = [r for r in cache if r["length_config"] and count_macs(config, r["length_config"], seq) <= 0.9 * full]
+    expected = sorted(at_target, key=lambda r: -r["metrics"]["f1"])[:3]
+    candidates = result["selection"]["candidates"]
+    assert len(at_target) > 3 and [p["length_config"] for p in candidates] == [r["length_config"] for r in expected]
+    assert all(p["select"]["questions"] == 12 and p["search"]["questions"] == 10 for p in candidates)
+    best = max(candidates, key=lambda p: pooled_score(p["search"], p["select"]))
+    assert result["chosen"]["length_config"] == best["length_config"]
+    assert result["chosen"]["report"]["questions"] == 10 and result["selection"]["full"]["questions"] == 12
+    assert (tmp_path / "s" / "select-cache.jsonl").is_file() and result["splits"]["select_examples"] == 12
+
+
 def test_ort_engine_scores_like_pytorch(tiny_lat):
     from toolchain.data import prepare
     from toolchain.evaluate import torch_runner

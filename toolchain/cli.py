@@ -234,6 +234,11 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
               help="chosen = cheapest frontier point within this many points of full length (search split)")
 @click.option("--target-macs-ratio", type=float, default=None,
               help="chosen = most accurate frontier point at or below this share of full MACs (search split)")
+@click.option("--select-examples", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with --target-macs-ratio: re-score the best candidates at the target on this many further dev "
+                   "examples (after the report split) and choose on search + selection examples together")
+@click.option("--select-top", type=POSITIVE, default=5, show_default=True,
+              help="how many candidates at the target the selection split re-scores")
 @click.option("--max-seq-length", type=POSITIVE, default=None,
               help="sequence length to search, cost and later export at (default: the checkpoint's)")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
@@ -244,7 +249,7 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
 @click.option("--resume", is_flag=True, help="continue an interrupted search (cached evaluations are reused)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, choose_tolerance, target_macs_ratio,
-               max_seq_length, batch_size, device, engine, resume, force, **kw):
+               select_examples, select_top, max_seq_length, batch_size, device, engine, resume, force, **kw):
     """Evolutionary search for Pareto-best length configurations (accuracy vs MACs)."""
     from toolchain.models import read_meta
     from toolchain.search import SearchConfig, search
@@ -253,7 +258,8 @@ def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, 
     result = search(model_dir=model_dir, eval_path=eval_data or _default_data(task, "dev"), out_dir=out_dir,
                     search_examples=search_examples, report_examples=report_examples, cfg=SearchConfig(**kw),
                     device_name=device, choose_tolerance=choose_tolerance, batch_size=batch_size, resume=resume,
-                    force=force, target_macs_ratio=target_macs_ratio, max_seq_length=max_seq_length, engine=engine)
+                    force=force, target_macs_ratio=target_macs_ratio, max_seq_length=max_seq_length, engine=engine,
+                    select_examples=select_examples, select_top=select_top)
     click.echo(json.dumps({"full": result["full"], "chosen": result["chosen"],
                            "frontier_size": len(result["frontier"]), "evaluated": result["evaluated"]}, indent=2))
 

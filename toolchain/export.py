@@ -257,28 +257,31 @@ def read_pareto(path: str | Path) -> list[list[int] | None]:
 
 def export_pareto(model_dir: str | Path, pareto_json: str | Path, out_dir: str | Path,
                   max_seq_length: int | None = None, force: bool = False, optimize: str = "auto") -> Path:
-    """Export the full model and every configuration on a pareto.json frontier into one bundle.
+    """Export the full model, every configuration on a pareto.json frontier and the chosen one into one bundle.
 
     The search's report-split accuracy of each configuration (measured in PyTorch, which the graphs
-    match) becomes the graph's `metrics`, and the manifest's `chosen` names the search's chosen graph.
-    The graphs are exported at the sequence length the search ran at.
+    match) becomes the graph's `metrics`, and the manifest's `chosen` names the search's chosen graph
+    (off the frontier when a selection split chose it). The graphs are exported at the sequence length the search ran at.
     """
     configs = read_pareto(pareto_json)
     pareto = json.loads(Path(pareto_json).read_text(encoding="utf-8"))
+    chosen = pareto.get("chosen")
+    if chosen and chosen["length_config"] not in configs:
+        configs.append(chosen["length_config"])
     searched = pareto.get("max_seq_length")
     if max_seq_length and searched and max_seq_length != searched:
         raise ToolchainError(f"{pareto_json} was searched at max_seq_length {searched}; "
                              f"its configurations cannot be exported at {max_seq_length}")
     out = export(model_dir, out_dir, [None, *configs], max_seq_length or searched, force, optimize)
     points = {graph_name(None): pareto.get("full")}
-    points.update({graph_name(tuple(p["length_config"])): p for p in pareto["frontier"] if p["length_config"]})
+    points.update({graph_name(tuple(p["length_config"])): p for p in [*pareto["frontier"], chosen or {}]
+                   if p.get("length_config")})
 
     def record(manifest: dict) -> None:
         for entry in manifest["graphs"]:
             report = (points.get(entry["name"]) or {}).get("report")
             if report:
                 entry["metrics"] = {**report, "split": "search report split", "data": pareto.get("splits", {}).get("data")}
-        chosen = pareto.get("chosen")
         if chosen:
             manifest["chosen"] = graph_name(tuple(chosen["length_config"]))
 

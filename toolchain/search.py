@@ -4,6 +4,11 @@ Candidates are scored on a *search split* of the dev set; the final frontier is 
 disjoint *report split*, so the reported numbers are not the ones the search optimised. Every
 evaluated configuration is cached on disk, so a resumed search never evaluates it again.
 
+Choosing the best of ~150 candidates on one split picks the lucky ones (the winner's curse). With a
+*selection split* (more dev questions, disjoint from both), the few best candidates at the MAC target
+are scored again and the choice is made on search + selection questions together; the report split
+still only reports.
+
 The cost of a configuration is LAT's MACs at max_seq_length (`cost="padded"`), or the mean MACs over the search
 split's inputs cut to their real lengths (`cost="real"`, how the exported graphs run them): with padding cut,
 a configuration saves only what it drops of the real tokens.
@@ -158,18 +163,24 @@ def score_of(metrics: dict) -> float:
 def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: int, report_examples: int,
            cfg: SearchConfig, device_name: str, choose_tolerance: float = 1.0, batch_size: int = 64,
            resume: bool = False, force: bool = False, target_macs_ratio: float | None = None,
-           max_seq_length: int | None = None, engine: str = "auto") -> dict:
+           max_seq_length: int | None = None, engine: str = "auto", select_examples: int = 0,
+           select_top: int = 5) -> dict:
     """Run the evolutionary search; write pareto.json, pareto.png and the evaluation caches into `out_dir`.
 
-    Work happens in a hidden `.NAME.partial` folder beside `out_dir` (the resumable caches of both splits), renamed
+    Work happens in a hidden `.NAME.partial` folder beside `out_dir` (the resumable caches of every split), renamed
     to `out_dir` when the search is complete. `max_seq_length` (default: the checkpoint's) is the
     sequence length the configurations are searched, costed and later exported at. `engine` scores
-    candidates with PyTorch or with ONNX Runtime graphs (see `resolve_engine`).
+    candidates with PyTorch or with ONNX Runtime graphs (see `resolve_engine`). With `select_examples`
+    (and a MAC target), the `select_top` best candidates at the target are re-scored on that many
+    further dev examples and the choice is made on both splits (see `select`).
     """
     cfg.validate()
+    if search_examples <= 0 or report_examples <= 0 or select_examples < 0 or select_top <= 0:
+        raise ToolchainError("search and report splits need a positive number of examples (selection: >= 0, "
+                             "select-top: >= 1)")
+    if select_examples and target_macs_ratio is None:
+        raise ToolchainError("a selection split (--select-examples) needs --target-macs-ratio")
     partial = check_output(out_dir, force, resume)
-    if search_examples <= 0 or report_examples <= 0:
-        raise ToolchainError("search and report splits need a positive number of examples")
     device = resolve_device(device_name)
     engine = resolve_engine(engine, device)
     model, tokenizer, meta = load_length_adaptive(model_dir, require_lat=True)
@@ -179,7 +190,8 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     head = "qa" if task == "squad" else "classify"
     num_labels = len(meta["labels"] or [None, None])
 
-    search_split, report_split = _splits(eval_path, tokenizer, meta, seq, search_examples, report_examples)
+    search_split, report_split, *select_split = _splits(eval_path, tokenizer, meta, seq,
+                                                        [search_examples, report_examples, select_examples])
     partial.mkdir(parents=True, exist_ok=True)
     scorer = Scorer(model, task, search_split, device, partial / "search-cache.jsonl", batch_size, engine)
     real_lengths = _real_lengths(task, search_split)
@@ -236,14 +248,27 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     full_report = reporter(None)
     frontier = [{"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
                  "search": scorer(c), "report": reporter(c)} for c in tqdm(front, desc="report split", leave=False)]
-    chosen = choose(frontier, score_of(full_search), choose_tolerance, target_macs_ratio)
+    chosen, selection = choose(frontier, score_of(full_search), choose_tolerance, target_macs_ratio), None
+    if select_split:
+        selector = Scorer(model, task, select_split[0], device, partial / "select-cache.jsonl", batch_size, engine)
+        at_target = sorted((c for c in points if points[c][0] / full_macs <= target_macs_ratio),
+                           key=lambda c: -points[c][1])[:select_top]  # the most accurate on the search split
+        candidates = [{"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
+                       "search": scorer(c), "select": selector(c)}
+                      for c in tqdm(at_target, desc="selection split", leave=False)]
+        chosen = select(candidates)
+        if chosen is not None:
+            chosen = {**chosen, "report": reporter(tuple(chosen["length_config"]))}
+        selection = {"examples": select_examples, "top": select_top, "full": selector(None), "candidates": candidates}
     result = {
         "model": str(model_dir), "task": task, "max_seq_length": seq, "metric": "f1" if task == "squad" else "accuracy",
         "cost": cfg.cost,
         "full": {"length_config": None, "macs": full_macs, "search": full_search, "report": full_report},
-        "frontier": frontier, "chosen": chosen, "evaluated": len(points),
+        "frontier": frontier, "chosen": chosen, "selection": selection, "evaluated": len(points),
         "splits": {"data": str(eval_path), "search_examples": search_examples, "report_examples": report_examples,
-                   "how": "seeded permutation of the dev set; search = first part, report = the next, disjoint"},
+                   "select_examples": select_examples,
+                   "how": "seeded permutation of the dev set; search = first part, report = the next, selection = "
+                          "the next; disjoint"},
         "search_config": asdict(cfg), "engine": engine, "seconds": round(time.time() - t0, 1),
     }
     (partial / "pareto.json").write_text(json.dumps(result, indent=2))
@@ -268,20 +293,31 @@ def choose(frontier: list[dict], full_score: float, tolerance: float = 1.0,
     return min(ok, key=lambda p: p["macs"]) if ok else None
 
 
+def pooled_score(*metrics: dict) -> float:
+    """The score over the union of several splits' examples (each split's score weighted by its size)."""
+    sizes = [m.get("questions", m.get("examples")) for m in metrics]
+    return sum(score_of(m) * n for m, n in zip(metrics, sizes)) / sum(sizes)
+
+
+def select(candidates: list[dict]) -> dict | None:
+    """The candidate most accurate on its search and selection splits together."""
+    return max(candidates, key=lambda p: pooled_score(p["search"], p["select"]), default=None)
+
+
 def _real_lengths(task: str, split) -> np.ndarray:
     """Real (unpadded) token count of every input of a split."""
     return (split[1].attention_mask if task == "squad" else split["attention_mask"]).sum(1)
 
 
-def _splits(eval_path: Path, tokenizer, meta: dict, seq: int, n_search: int, n_report: int):
-    """Disjoint search and report splits: one seeded permutation of the dev set, then [0, s) and [s, s + r)."""
+def _splits(eval_path: Path, tokenizer, meta: dict, seq: int, counts: list[int]) -> list:
+    """Disjoint splits of one seeded permutation of the dev set: consecutive runs of `counts` examples (0: none)."""
     stride = meta.get("doc_stride", 128)
+    ranges = [(n, sum(counts[:i])) for i, n in enumerate(counts) if n]
     if meta["task"] == "squad":
-        return [prepare.squad_split(eval_path, tokenizer, seq, stride, n, skip=skip)
-                for n, skip in ((n_search, 0), (n_report, n_search))]
+        return [prepare.squad_split(eval_path, tokenizer, seq, stride, n, skip=skip) for n, skip in ranges]
     columns = prepare.Columns.from_meta(meta)
     return [prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, n, skip=skip)[1]
-            for n, skip in ((n_search, 0), (n_report, n_search))]
+            for n, skip in ranges]
 
 
 def plot_pareto(result: dict, evaluated: dict[Config, tuple[int, float]], path: Path) -> None:
