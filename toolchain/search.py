@@ -175,9 +175,10 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     further dev examples and the choice is made on both splits (see `select`).
     """
     cfg.validate()
-    if search_examples <= 0 or report_examples <= 0 or select_examples < 0 or select_top <= 0:
-        raise ToolchainError("search and report splits need a positive number of examples (selection: >= 0, "
-                             "select-top: >= 1)")
+    if search_examples <= 0 or report_examples <= 0:
+        raise ToolchainError("search and report splits need a positive number of examples")
+    if select_examples < 0 or select_top <= 0:
+        raise ToolchainError(f"select-examples must be >= 0 and select-top >= 1, got {select_examples} and {select_top}")
     if select_examples and target_macs_ratio is None:
         raise ToolchainError("a selection split (--select-examples) needs --target-macs-ratio")
     partial = check_output(out_dir, force, resume)
@@ -246,20 +247,24 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     full_search = scorer(None)
     reporter = Scorer(model, task, report_split, device, partial / "report-cache.jsonl", batch_size, engine)
     full_report = reporter(None)
-    frontier = [{"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
-                 "search": scorer(c), "report": reporter(c)} for c in tqdm(front, desc="report split", leave=False)]
-    chosen, selection = choose(frontier, score_of(full_search), choose_tolerance, target_macs_ratio), None
+
+    def entry(c: Config, **scores: dict) -> dict:
+        return {"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
+                "search": scorer(c), **scores}
+
+    frontier = [entry(c, report=reporter(c)) for c in tqdm(front, desc="report split", leave=False)]
+    selection = None
     if select_split:
         selector = Scorer(model, task, select_split[0], device, partial / "select-cache.jsonl", batch_size, engine)
         at_target = sorted((c for c in points if points[c][0] / full_macs <= target_macs_ratio),
                            key=lambda c: -points[c][1])[:select_top]  # the most accurate on the search split
-        candidates = [{"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
-                       "search": scorer(c), "select": selector(c)}
-                      for c in tqdm(at_target, desc="selection split", leave=False)]
+        candidates = [entry(c, select=selector(c)) for c in tqdm(at_target, desc="selection split", leave=False)]
         chosen = select(candidates)
         if chosen is not None:
             chosen = {**chosen, "report": reporter(tuple(chosen["length_config"]))}
         selection = {"examples": select_examples, "top": select_top, "full": selector(None), "candidates": candidates}
+    else:
+        chosen = choose(frontier, score_of(full_search), choose_tolerance, target_macs_ratio)
     result = {
         "model": str(model_dir), "task": task, "max_seq_length": seq, "metric": "f1" if task == "squad" else "accuracy",
         "cost": cfg.cost,
