@@ -254,3 +254,27 @@ def test_train_lat_at_another_length_on_new_questions(tiny_ft, tmp_path):
     with pytest.raises(ToolchainError, match="after skipping"):
         train_lat(out_dir=tmp_path / "c", train_skip=10_000, **kwargs)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_eval_cli_reproduces_the_searchs_scores_at_length_configs(tiny_lat, tmp_path):
+    cfg = SearchConfig(iterations=1, population=3, parents=2, mutations=2, crossovers=2, seed=3)
+    result = search(model_dir=tiny_lat, eval_path=SQUAD_DEV_SLICE, out_dir=tmp_path / "s", search_examples=10,
+                    report_examples=12, cfg=cfg, device_name="cpu", engine="torch")
+    # frontier F1s strictly increase, so with two points at least one differs from full length: the config is applied
+    assert len(result["frontier"]) >= 2
+
+    def run_eval(length_config, skip: int, n: int) -> dict:
+        args = ["eval", "--model", str(tiny_lat), "--eval-data", str(SQUAD_DEV_SLICE), "--eval-skip", str(skip),
+                "--max-eval-examples", str(n), "--device", "cpu", "--json", str(tmp_path / "m.json")]
+        res = CliRunner().invoke(main, args + (["--length-cfg", ",".join(map(str, length_config))] if length_config else []))
+        assert res.exit_code == 0, res.output
+        got = json.loads((tmp_path / "m.json").read_text())
+        assert got["questions"] == n and got["length_config"] == (length_config or "full")
+        return got
+
+    for point in [result["full"], *result["frontier"]]:
+        assert abs(run_eval(point["length_config"], 0, 10)["f1"] - point["search"]["f1"]) < 1e-6
+    dropped = result["frontier"][0]
+    assert abs(run_eval(dropped["length_config"], 10, 12)["f1"] - dropped["report"]["f1"]) < 1e-6
+    res = CliRunner().invoke(main, ["eval", "--model", str(tiny_lat), "--length-cfg", "10,20"])
+    assert res.exit_code != 0 and "non-increasing" in res.output

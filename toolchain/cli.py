@@ -131,27 +131,33 @@ def finetune(task, model_dir, train_data, eval_data, out_dir, max_seq_length, do
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), required=True, help="checkpoint folder")
 @click.option("--eval-data", type=click.Path(path_type=Path), default=None, help="dev set (default: packaged slice)")
 @click.option("--max-eval-examples", type=POSITIVE, default=None)
+@click.option("--eval-skip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="skip this many questions of the seeded dev permutation first (the search's report split: 1000)")
+@click.option("--length-cfg", default="full", show_default=True,
+              help='tokens kept per layer, e.g. "267,267,243,187,95,67" (Drop-and-Restore in PyTorch)')
 @click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write metrics here")
-def eval_cmd(model_dir, eval_data, max_eval_examples, max_seq_length, device, json_out):
-    """Evaluate a fine-tuned checkpoint with PyTorch (EM/F1 or accuracy)."""
+def eval_cmd(model_dir, eval_data, max_eval_examples, eval_skip, length_cfg, max_seq_length, device, json_out):
+    """Evaluate a fine-tuned checkpoint with PyTorch (EM/F1 or accuracy), at full length or a length configuration."""
     from toolchain.data.prepare import Columns
     from toolchain.finetune import evaluate_checkpoint
+    from toolchain.lat import LengthAdaptiveModel, parse_length_config
     from toolchain.models import load_model, load_tokenizer, read_meta
     from toolchain.training import resolve_device
 
     meta = read_meta(model_dir)
     if not meta:
         raise ToolchainError(f"{model_dir} is not a toolchain checkpoint (no toolchain.json)")
-    task = meta["task"]
-    tokenizer = load_tokenizer(model_dir)
+    task, seq = meta["task"], max_seq_length or meta["max_seq_length"]
     model = load_model(model_dir, task)
-    columns = Columns.from_meta(meta)
-    metrics = evaluate_checkpoint(model, tokenizer, task, eval_data or _default_data(task, "dev"), max_eval_examples,
-                                  max_seq_length or meta["max_seq_length"], meta.get("doc_stride", 128),
-                                  resolve_device(device),
-                                  columns, meta.get("labels"))
+    length_config = parse_length_config(length_cfg, model.config.num_hidden_layers, seq)
+    if length_config is not None:
+        model = LengthAdaptiveModel(model, keep_cls=meta.get("keep_cls"))
+    metrics = evaluate_checkpoint(model, load_tokenizer(model_dir), task, eval_data or _default_data(task, "dev"),
+                                  max_eval_examples, seq, meta.get("doc_stride", 128), resolve_device(device),
+                                  Columns.from_meta(meta), meta.get("labels"), eval_skip, length_config)
+    metrics["length_config"] = list(length_config) if length_config else "full"
     _write_json(json_out, metrics)
     click.echo(json.dumps(metrics, indent=2))
 

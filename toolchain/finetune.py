@@ -12,6 +12,7 @@ import torch
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
+from toolchain.lat import LengthConfig
 from toolchain.models import check_seq_length, check_task, default_model_dir, load_model, load_tokenizer, save_checkpoint
 from toolchain.training import TrainConfig, resolve_device, train
 
@@ -36,15 +37,19 @@ def hf_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def evaluate_checkpoint(model, tokenizer, task: str, eval_path: Path, max_eval_examples: int | None,
                         max_seq_length: int, doc_stride: int, device: torch.device,
-                        columns: prepare.Columns, labels: list[str] | None) -> dict:
-    """Accuracy of an HF model on (a deterministic subset of) a dev set."""
+                        columns: prepare.Columns, labels: list[str] | None, skip: int = 0,
+                        length_config: LengthConfig = None) -> dict:
+    """Accuracy of an HF model (or a `LengthAdaptiveModel` at `length_config`) on `max_eval_examples` questions of a
+    dev set's seeded permutation, after skipping `skip` (the search's report split is skip 1000, 2000 questions)."""
     check_seq_length(model.config, max_seq_length)
-    run = torch_runner(model.to(device), device)
+    run = torch_runner(model.to(device), device, **({} if length_config is None else {"length_config": length_config}))
     if task == "squad":
-        examples, features = prepare.squad_split(eval_path, tokenizer, max_seq_length, doc_stride, max_eval_examples)
+        examples, features = prepare.squad_split(eval_path, tokenizer, max_seq_length, doc_stride, max_eval_examples,
+                                                 skip=skip)
         metrics, _ = evaluate_squad(run, examples, features)
     else:
-        _, arrays = prepare.classify_split(eval_path, tokenizer, max_seq_length, labels, columns, max_eval_examples)
+        _, arrays = prepare.classify_split(eval_path, tokenizer, max_seq_length, labels, columns, max_eval_examples,
+                                           skip=skip)
         metrics, _ = evaluate_classify(run, arrays)
     return metrics
 

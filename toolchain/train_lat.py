@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
-from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
-from toolchain.finetune import check_output
+from toolchain.finetune import check_output, evaluate_checkpoint
 from toolchain.lat import LengthAdaptiveModel, sample_layer_mask, sample_length_config, smallest_length_config
 from toolchain.models import check_seq_length, load_model, load_tokenizer, read_meta, save_checkpoint
 from toolchain.training import TrainConfig, resolve_device, train
@@ -122,13 +121,8 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
                                          cfg.seed, skip=train_skip)
     losses = train(model, data, sandwich_loss_fn(sandwich, cfg.seed, seq), cfg, device, partial, resume, desc="train-lat")
     seconds = time.time() - t0
-    run = torch_runner(model, device)
-    if task == "squad":
-        examples, feats = prepare.squad_split(eval_path, tokenizer, seq, stride, max_eval_examples)
-        metrics, _ = evaluate_squad(run, examples, feats)
-    else:
-        _, arrays = prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, max_eval_examples)
-        metrics, _ = evaluate_classify(run, arrays)
+    metrics = evaluate_checkpoint(model, tokenizer, task, eval_path, max_eval_examples, seq, stride, device, columns,
+                                  meta.get("labels"))
     new_meta = {**meta, "max_seq_length": seq, "length_adaptive": True, "keep_cls": model.keep_cls,
                 "parent": str(model_dir), "train_lat": {**asdict(cfg), **asdict(sandwich),
                                                         "train_examples": max_train_examples, "train_skip": train_skip}}
