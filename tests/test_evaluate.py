@@ -1,6 +1,8 @@
 import numpy as np
+import pytest
 
-from toolchain.evaluate import run_batches
+from toolchain.errors import ToolchainError
+from toolchain.evaluate import run_batches, take
 
 
 def test_run_batches_cuts_each_batch_to_its_longest_row_and_keeps_row_order():
@@ -28,3 +30,14 @@ def test_run_batches_cuts_each_batch_to_its_longest_row_and_keeps_row_order():
     (logits,) = run_batches(lambda feed: (feed["attention_mask"].sum(1, keepdims=True).astype(np.float32),),
                             lambda idx: {k: v[idx] for k, v in inputs.items()}, len(lengths), 3, progress=False)
     np.testing.assert_array_equal(logits[:, 0], lengths)  # not per token: one value per row, in row order
+
+
+def test_take_gives_disjoint_seeded_splits_and_rejects_impossible_ones():
+    items = list(range(50))
+    search, report, rest = take(items, 10), take(items, 20, skip=10), take(items, None, skip=30)
+    assert len(search) == 10 and len(report) == 20 and len(rest) == 20
+    assert sorted(search + report + rest) == items and search == sorted(search)
+    assert take(items, 10, seed=1) != search and take(items, 10) == search
+    for n, skip, message in ((0, 0, "positive"), (30, 30, "only 50"), (None, 50, "skip 50")):
+        with pytest.raises(ToolchainError, match=message):
+            take(items, n, skip=skip)
