@@ -285,3 +285,22 @@ def test_eval_cli_reproduces_the_searchs_scores_at_length_configs(tiny_lat, tmp_
     assert abs(run_eval(dropped["length_config"], 10, 12)["f1"] - dropped["report"]["f1"]) < 1e-6
     res = CliRunner().invoke(main, ["eval", "--model", str(tiny_lat), "--length-cfg", "10,20"])
     assert res.exit_code != 0 and "non-increasing" in res.output
+
+
+def test_scorer_cache_survives_a_cut_last_line_and_names_a_corrupt_one(tiny_lat, tmp_path):
+    from toolchain.search import Scorer
+    from toolchain.train_lat import load_length_adaptive
+
+    model, tokenizer, _ = load_length_adaptive(tiny_lat)
+    split = prepare.squad_split(SQUAD_DEV_SLICE, tokenizer, 64, 16, 6)
+    cache = tmp_path / "search-cache.jsonl"
+    first = Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")((40, 17))
+    cache.write_text(cache.read_text() + '{"length_config": [30, 2')  # the write a kill interrupted
+    scorer = Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")
+    assert scorer.cache == {(40, 17): first} and cache.read_text().count("\n") == 1
+    scorer((30, 2))
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [r["length_config"] for r in rows] == [[40, 17], [30, 2]]
+    cache.write_text('{"length_config": [40, 17]}\n')
+    with pytest.raises(ToolchainError, match="line 1 is not a cached score"):
+        Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")

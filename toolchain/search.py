@@ -33,6 +33,7 @@ from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
 from toolchain.export import ort_runner
+from toolchain.files import write_text
 from toolchain.finetune import check_output
 from toolchain.lat import LengthAdaptiveModel, sample_length_config
 from toolchain.macs import count_macs, expected_macs
@@ -121,9 +122,15 @@ class Scorer:
         self.cache_path = cache
         self.cache: dict[Config, dict] = {}
         if cache is not None and cache.is_file():
-            for line in cache.read_text().splitlines():
-                row = json.loads(line)
-                self.cache[tuple(row["length_config"])] = row["metrics"]
+            *lines, cut = cache.read_text().split("\n")
+            if cut:  # a line an interrupted write left unfinished: drop it, so the next append starts a fresh line
+                write_text(cache, "".join(line + "\n" for line in lines))
+            for i, line in enumerate(lines, 1):
+                try:
+                    row = json.loads(line)
+                    self.cache[tuple(row["length_config"])] = row["metrics"]
+                except (ValueError, KeyError, TypeError):
+                    raise ToolchainError(f"{cache} line {i} is not a cached score: delete the file to re-score") from None
 
     def __call__(self, cfg: Config | None) -> dict:
         key = cfg or ()
