@@ -38,6 +38,6 @@ def test_take_gives_disjoint_seeded_splits_and_rejects_impossible_ones():
     assert len(search) == 10 and len(report) == 20 and len(rest) == 20
     assert sorted(search + report + rest) == items and search == sorted(search)
     assert take(items, 10, seed=1) != search and take(items, 10) == search
-    for n, skip, message in ((0, 0, "positive"), (30, 30, "only 50"), (None, 50, "skip 50")):
+    for n, skip, message in ((0, 0, "positive"), (30, 30, "only 50"), (None, 50, "after skipping 50")):
         with pytest.raises(ToolchainError, match=message):
             take(items, n, skip=skip)

@@ -33,7 +33,7 @@ def take(items: list, n: int | None, seed: int = 0, skip: int = 0) -> list:
     if skip == 0 and (n is None or n >= len(items)):
         return list(items)
     if skip >= len(items):
-        raise ToolchainError(f"asked to skip {skip} examples, but the data has only {len(items)}")
+        raise ToolchainError(f"nothing left after skipping {skip} examples: the data has only {len(items)}")
     if n is not None and skip + n > len(items):
         raise ToolchainError(f"asked for {n} examples after skipping {skip}, but the data has only {len(items)}")
     perm = np.random.default_rng(seed).permutation(len(items))
