@@ -62,6 +62,31 @@ def test_one_step_runs_every_sandwich_pass(tiny_ft):
     assert model.hf_model.qa_outputs.weight.grad is not None and torch.isfinite(loss)
 
 
+def test_sub_models_drawn_inside_a_mac_band(tiny_ft, tmp_path):
+    import random
+
+    from toolchain.lat import sample_length_config
+    from toolchain.macs import count_macs
+    from toolchain.train_lat import load_length_adaptive, sample_sub_config
+
+    model, _, _ = load_length_adaptive(tiny_ft)
+    full = count_macs(model.config, None, 64)
+    # the default band keeps LAT's random stream: the very configurations LAT's sampler draws
+    a, b = random.Random(3), random.Random(3)
+    assert [sample_sub_config(model, SandwichConfig(length_drop_ratio_bound=0.35), 64, a) for _ in range(20)] == \
+        [sample_length_config(2, 64, 0.35, b) for _ in range(20)]
+    band = SandwichConfig(length_drop_ratio_bound=0.35, sub_macs_band=(0.7, 0.8))
+    ratios = [count_macs(model.config, sample_sub_config(model, band, 64, a), 64) / full for _ in range(50)]
+    assert all(0.7 <= r <= 0.8 for r in ratios) and len(set(ratios)) > 1
+    # at bound 0.2 no 2-layer sub-model goes below 82% of the MACs: a band under it admits nothing, before any output
+    for bad, message in (((0.1, 0.2), "no sub-model sampled"), ((0.6, 0.5), "0 <= min < max <= 1")):
+        res = CliRunner().invoke(main, ["train-lat", "--model", str(tiny_ft), "--out", str(tmp_path / "out"),
+                                        "--sub-min-macs-ratio", str(bad[0]), "--sub-max-macs-ratio", str(bad[1]),
+                                        "--max-train-examples", "8", "--device", "cpu"])
+        assert res.exit_code != 0 and message in res.output, res.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_train_lat_writes_length_adaptive_checkpoint(tiny_lat):
     meta = json.loads((tiny_lat / "toolchain.json").read_text())
     assert meta["length_adaptive"] is True and meta["keep_cls"] is False

@@ -195,12 +195,16 @@ def score(data_path, predictions):
 @click.option("--length-drop-ratio-bound", type=float, default=0.2, show_default=True)
 @click.option("--layer-drop", type=float, default=0.2, show_default=True, help="LayerDrop probability for sub-models")
 @click.option("--num-sandwich", type=click.IntRange(min=0), default=2, show_default=True)
+@click.option("--sub-min-macs-ratio", type=float, default=0.0, show_default=True,
+              help="random sub-models are redrawn until their MACs are at least this share of full length's")
+@click.option("--sub-max-macs-ratio", type=float, default=1.0, show_default=True,
+              help="... and at most this share (the band a search deploys from)")
 @click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
 @click.option("--train-skip", type=click.IntRange(min=0), default=0, show_default=True,
               help="skip this many questions of the seeded train permutation first (e.g. those fine-tuning saw)")
 @_train_options
 def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_bound, layer_drop, num_sandwich,
-                  max_seq_length, train_skip, **kw):
+                  sub_min_macs_ratio, sub_max_macs_ratio, max_seq_length, train_skip, **kw):
     """Drop-and-Restore training: make a fine-tuned model robust to dropping tokens per layer."""
     from toolchain.models import read_meta
     from toolchain.train_lat import SandwichConfig, train_lat
@@ -210,7 +214,8 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
     metrics = train_lat(model_dir=model_dir, train_path=train_data or _default_data(task, "train"),
                         eval_path=eval_data or _default_data(task, "dev"), out_dir=out_dir,
                         max_train_examples=kw["max_train_examples"], max_eval_examples=kw["max_eval_examples"],
-                        cfg=cfg, sandwich=SandwichConfig(length_drop_ratio_bound, layer_drop, num_sandwich),
+                        cfg=cfg, sandwich=SandwichConfig(length_drop_ratio_bound, layer_drop, num_sandwich,
+                                                                  sub_macs_band=(sub_min_macs_ratio, sub_max_macs_ratio)),
                         device_name=kw["device"], max_seq_length=max_seq_length, train_skip=train_skip,
                         resume=kw["resume"], force=kw["force"])
     click.echo(json.dumps(metrics, indent=2))

@@ -3,6 +3,8 @@
 Each step runs the sandwich rule: the full model learns the labels; the smallest sub-model and
 `num_sandwich` random sub-models (LengthDrop configurations, with LayerDrop) learn the full model's
 detached output distributions (in-place distillation, KL). One backward pass over the summed loss.
+Optionally the random sub-models are confined to a band of MACs (a share of full length's), the band
+a search will deploy from.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.finetune import check_output, evaluate_checkpoint
 from toolchain.lat import LengthAdaptiveModel, sample_layer_mask, sample_length_config, smallest_length_config
+from toolchain.macs import count_macs
 from toolchain.models import check_seq_length, load_model, load_tokenizer, read_meta, save_checkpoint
 from toolchain.training import TrainConfig, resolve_device, train
 
@@ -30,6 +33,7 @@ class SandwichConfig:
     layer_drop_prob: float = 0.2
     num_sandwich: int = 2
     temperature: float = 1.0
+    sub_macs_band: tuple[float, float] = (0.0, 1.0)
 
     def validate(self) -> None:
         if not 0.0 <= self.length_drop_ratio_bound < 1.0:
@@ -38,6 +42,9 @@ class SandwichConfig:
             raise ToolchainError(f"layer-drop must be in [0, 1), got {self.layer_drop_prob}")
         if self.num_sandwich < 0:
             raise ToolchainError(f"num-sandwich must be >= 0, got {self.num_sandwich}")
+        low, high = self.sub_macs_band
+        if not 0.0 <= low < high <= 1.0:
+            raise ToolchainError(f"the sub-models' MAC band must satisfy 0 <= min < max <= 1, got [{low}, {high}]")
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -55,6 +62,21 @@ def _kl(student: list[torch.Tensor], teacher: list[torch.Tensor], t: float) -> t
                for s, te in zip(student, teacher)) / len(student)
 
 
+def sample_sub_config(model: LengthAdaptiveModel, sandwich: SandwichConfig, max_seq_length: int, rng: random.Random,
+                      tries: int = 10_000) -> tuple[int, ...]:
+    """A LengthDrop configuration whose MACs lie in `sandwich.sub_macs_band` of full length's (rejection
+    sampling; the default band takes the first draw, so the random stream is LAT's)."""
+    low, high = sandwich.sub_macs_band
+    head = "qa" if model.task == "squad" else "classify"
+    full = count_macs(model.config, None, max_seq_length, head)
+    for _ in range(tries):
+        cfg = sample_length_config(model.num_layers, max_seq_length, sandwich.length_drop_ratio_bound, rng)
+        if low <= count_macs(model.config, cfg, max_seq_length, head) / full <= high:
+            return cfg
+    raise ToolchainError(f"no sub-model sampled at length-drop-ratio-bound {sandwich.length_drop_ratio_bound} lies "
+                         f"in the MAC band [{low}, {high}] ({tries} draws): widen the band or raise the bound")
+
+
 def sandwich_loss_fn(sandwich: SandwichConfig, seed: int, max_seq_length: int):
     """A `loss_fn(model, batch)` for `training.train` implementing the sandwich rule with in-place distillation.
 
@@ -70,8 +92,7 @@ def sandwich_loss_fn(sandwich: SandwichConfig, seed: int, max_seq_length: int):
         teacher = [o.detach() for o in full]
         loss = _label_loss(full, batch)
         configs = [smallest_length_config(layers, max_seq_length, sandwich.length_drop_ratio_bound)]
-        configs += [sample_length_config(layers, max_seq_length, sandwich.length_drop_ratio_bound, rng)
-                    for _ in range(sandwich.num_sandwich)]
+        configs += [sample_sub_config(model, sandwich, max_seq_length, rng) for _ in range(sandwich.num_sandwich)]
         for cfg in configs:
             mask = sample_layer_mask(layers, sandwich.layer_drop_prob, rng)
             if not any(mask):
@@ -107,9 +128,11 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     sandwich.validate()
     device = resolve_device(device_name)
     model, tokenizer, meta = load_length_adaptive(model_dir)
-    partial = check_output(out_dir, force, resume)
     task, seq, stride = meta["task"], max_seq_length or meta["max_seq_length"], meta.get("doc_stride", 128)
     check_seq_length(model.hf_model.config, seq)
+    if sandwich.num_sandwich:
+        sample_sub_config(model, sandwich, seq, random.Random(cfg.seed))  # a band that admits nothing fails here
+    partial = check_output(out_dir, force, resume)
     columns = prepare.Columns.from_meta(meta)
     t0 = time.time()
     if task == "squad":
