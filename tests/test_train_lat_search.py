@@ -329,3 +329,26 @@ def test_scorer_cache_survives_a_cut_last_line_and_names_a_corrupt_one(tiny_lat,
     cache.write_text('{"length_config": [40, 17]}\n')
     with pytest.raises(ToolchainError, match="line 1 is not a cached score"):
         Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")
+
+
+def test_train_lat_on_long_windows_only(tiny_ft, tmp_path):
+    kwargs = dict(model_dir=tiny_ft, train_path=SQUAD_TRAIN_SLICE, eval_path=SQUAD_DEV_SLICE, max_train_examples=16,
+                  max_eval_examples=4, cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=4), sandwich=SandwichConfig(),
+                  device_name="cpu", max_seq_length=128)
+    tok = AutoTokenizer.from_pretrained(tiny_ft)
+    stride = json.loads((tiny_ft / "toolchain.json").read_text()).get("doc_stride", 128)
+    _, feats = prepare.squad_split(SQUAD_TRAIN_SLICE, tok, 128, stride, 16, 42, split="train")
+    real = feats.attention_mask.sum(1)
+    cut = int(sorted(real)[len(real) // 2]) + 1  # about half the windows are shorter
+    summary = train_lat(out_dir=tmp_path / "a", min_real_tokens=cut, **kwargs)
+    assert summary["train_windows"] == int((real >= cut).sum()) and 0 < summary["train_windows"] < len(real)
+    meta = json.loads((tmp_path / "a" / "toolchain.json").read_text())
+    assert meta["train_lat"]["min_real_tokens"] == cut
+    _, wide = prepare.squad_split(SQUAD_TRAIN_SLICE, tok, 384, stride, 16, 42, split="train")
+    longest = int(wide.attention_mask.sum(1).max())
+    assert longest < 384  # at 384 every window of these 16 questions has padding
+    with pytest.raises(ToolchainError, match="no training window has"):
+        train_lat(out_dir=tmp_path / "b", min_real_tokens=longest + 1, **{**kwargs, "max_seq_length": 384})
+    with pytest.raises(ToolchainError, match=r"min-real-tokens must be in \[0, 128\]"):
+        train_lat(out_dir=tmp_path / "c", min_real_tokens=129, **kwargs)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -202,9 +202,11 @@ def score(data_path, predictions):
 @click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
 @click.option("--train-skip", type=click.IntRange(min=0), default=0, show_default=True,
               help="skip this many questions of the seeded train permutation first (e.g. those fine-tuning saw)")
+@click.option("--min-real-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="train only on windows with at least this many real (non-padding) tokens")
 @_train_options
 def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_bound, layer_drop, num_sandwich,
-                  sub_min_macs_ratio, sub_max_macs_ratio, max_seq_length, train_skip, **kw):
+                  sub_min_macs_ratio, sub_max_macs_ratio, max_seq_length, train_skip, min_real_tokens, **kw):
     """Drop-and-Restore training: make a fine-tuned model robust to dropping tokens per layer."""
     from toolchain.models import read_meta
     from toolchain.train_lat import SandwichConfig, train_lat
@@ -217,7 +219,7 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
                         cfg=cfg, sandwich=SandwichConfig(length_drop_ratio_bound, layer_drop, num_sandwich,
                                                                   sub_macs_band=(sub_min_macs_ratio, sub_max_macs_ratio)),
                         device_name=kw["device"], max_seq_length=max_seq_length, train_skip=train_skip,
-                        resume=kw["resume"], force=kw["force"])
+                        min_real_tokens=min_real_tokens, resume=kw["resume"], force=kw["force"])
     click.echo(json.dumps(metrics, indent=2))
 
 

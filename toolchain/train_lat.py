@@ -117,12 +117,14 @@ def load_length_adaptive(model_dir: Path, require_lat: bool = False) -> tuple[Le
 
 def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Path, max_train_examples: int | None,
               max_eval_examples: int | None, cfg: TrainConfig, sandwich: SandwichConfig, device_name: str,
-              max_seq_length: int | None = None, train_skip: int = 0, resume: bool = False,
-              force: bool = False) -> dict:
+              max_seq_length: int | None = None, train_skip: int = 0, min_real_tokens: int = 0,
+              resume: bool = False, force: bool = False) -> dict:
     """Train, evaluate at full length, save an atomic checkpoint marked length_adaptive.
 
     `max_seq_length` defaults to the checkpoint's; `train_skip` skips that many questions of the seeded
-    train permutation first (the ones an earlier step of the pipeline already trained on).
+    train permutation first (the ones an earlier step of the pipeline already trained on). `min_real_tokens` trains
+    only on the windows with at least that many real tokens: a length configuration at `max_seq_length` drops real
+    tokens from the early layers only in long windows, and a window of typical length rarely gets that practice.
     """
     cfg.validate()
     sandwich.validate()
@@ -130,6 +132,8 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     model, tokenizer, meta = load_length_adaptive(model_dir)
     task, seq, stride = meta["task"], max_seq_length or meta["max_seq_length"], meta.get("doc_stride", 128)
     check_seq_length(model.hf_model.config, seq)
+    if not 0 <= min_real_tokens <= seq:
+        raise ToolchainError(f"min-real-tokens must be in [0, {seq}] (the sequence length), got {min_real_tokens}")
     if sandwich.num_sandwich:
         sample_sub_config(model, sandwich, seq, random.Random(cfg.seed))  # a band that admits nothing fails here
     partial = check_output(out_dir, force, resume)
@@ -142,14 +146,22 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     else:
         _, data = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples,
                                          cfg.seed, skip=train_skip)
+    if min_real_tokens:
+        long = data["attention_mask"].sum(1) >= min_real_tokens
+        if not long.any():
+            raise ToolchainError(f"no training window has {min_real_tokens} or more real tokens: lower "
+                                 "min-real-tokens or train on more examples")
+        data = {k: v[long] for k, v in data.items()}
     losses = train(model, data, sandwich_loss_fn(sandwich, cfg.seed, seq), cfg, device, partial, resume, desc="train-lat")
     seconds = time.time() - t0
     metrics = evaluate_checkpoint(model, tokenizer, task, eval_path, max_eval_examples, seq, stride, device, columns,
                                   meta.get("labels"))
     new_meta = {**meta, "max_seq_length": seq, "length_adaptive": True, "keep_cls": model.keep_cls,
                 "parent": str(model_dir), "train_lat": {**asdict(cfg), **asdict(sandwich),
-                                                        "train_examples": max_train_examples, "train_skip": train_skip}}
-    summary = {**metrics, "eval_data": str(eval_path), "train_seconds": round(seconds, 1), "steps": len(losses),
+                                                        "train_examples": max_train_examples, "train_skip": train_skip,
+                                                        "min_real_tokens": min_real_tokens}}
+    summary = {**metrics, "eval_data": str(eval_path), "train_seconds": round(seconds, 1),
+               "train_windows": len(data["input_ids"]), "steps": len(losses),
                "loss_first": losses[0], "loss_last_20": sum(losses[-20:]) / len(losses[-20:])}
     save_checkpoint(model.hf_model.cpu(), tokenizer, out_dir, new_meta, {"metrics.json": summary})
     shutil.rmtree(partial, ignore_errors=True)
