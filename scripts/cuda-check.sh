@@ -14,9 +14,12 @@ ft_data=() lat_data=()  # questions of the train set's seeded permutation: train
 [ "$n_ft" = all ] || ft_data=(--max-train-examples "$n_ft")
 [ "$n_lat" = all ] || lat_data=(--max-train-examples "$n_lat" --train-skip "$([ "$n_ft" = all ] && echo 0 || echo "$n_ft")")
 mkdir -p "$out"
-step() {  # one CLI step: its summary's last lines, and its wall time
+step() {  # one CLI step: its summary's last lines and its wall time, or its error and exit 1
     local start=$SECONDS
-    toolchain "$@" 2>>"$out/progress.txt" | tail -4
+    if ! toolchain "$@" 2>>"$out/progress.txt" | tail -4; then
+        echo "cuda-check: $1 failed: $(tail -n 1 "$out/progress.txt")" >&2
+        exit 1
+    fi
     echo "## $1: $((SECONDS - start)) s"
 }
 step finetune --task squad ${base:+--model "$base"} --train-data "$train" --eval-data "$dev" --out "$out/finetuned" \
