@@ -2,7 +2,7 @@
 # The training and search path on a CUDA GPU, through the CLI, by default at the CPU recipe's first-step sizes:
 # finetune (4,000 questions, seq 384) -> train-lat (3,000 more) -> search (the CPU recipe's, 3 iterations; 1,000
 # search, 2,000 report and 2,000 selection questions), bf16 autocast for training. About 3 min on an H200 (README,
-# GPU section). N_FT=all N_LAT=all ITERATIONS=6: the whole train set in both steps, about 9 min there (estimated).
+# GPU section). N_FT=all N_LAT=all ITERATIONS=4: the whole train set in both steps, 8.5 min there (measured, 500 s).
 # usage: bash scripts/cuda-check.sh SQUAD_TRAIN SQUAD_DEV OUT_DIR [BASE_MODEL_DIR]
 # env: DEVICE (cuda), PRECISION (bf16), N_FT (4000 or all), N_LAT (3000 or all), EPOCHS_FT (1), EPOCHS_LAT (1),
 #      ITERATIONS (3), N_SEARCH (1000), N_REPORT (2000), N_SELECT (2000)
