@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -36,7 +37,8 @@ def tiny_lat(tiny_ft):
     return out
 
 
-def test_one_step_runs_every_sandwich_pass(tiny_ft):
+@pytest.mark.parametrize("drop_at, smallest", [("padded", (52, 42)), ("real", (32, 26))])
+def test_one_step_runs_every_sandwich_pass(tiny_ft, drop_at, smallest):
     from toolchain.train_lat import load_length_adaptive
 
     model, _, _ = load_length_adaptive(tiny_ft)
@@ -49,16 +51,19 @@ def test_one_step_runs_every_sandwich_pass(tiny_ft):
 
     model.forward = spy
     torch.manual_seed(0)
-    # a batch cut to 48 tokens of data padded to 64: configurations are still drawn at 64
-    batch = {"input_ids": torch.randint(1000, 2000, (2, 48)), "attention_mask": torch.ones(2, 48, dtype=torch.long),
+    # a batch cut to 48 tokens of data padded to 64, its rows 40 and 30 real tokens long: configurations are
+    # drawn at 64 (LAT) or at the batch's 40 real tokens
+    mask = (torch.arange(48) < torch.tensor([[40], [30]])).long()
+    batch = {"input_ids": torch.randint(1000, 2000, (2, 48)), "attention_mask": mask,
              "token_type_ids": torch.zeros(2, 48, dtype=torch.long),
              "start_positions": torch.tensor([3, 5]), "end_positions": torch.tensor([4, 9])}
-    loss = sandwich_loss_fn(SandwichConfig(num_sandwich=2), seed=0, max_seq_length=64)(model, batch)
+    loss = sandwich_loss_fn(SandwichConfig(num_sandwich=2, drop_at=drop_at), seed=0, max_seq_length=64)(model, batch)
     loss.backward()
     assert len(seen) == 4 and seen[0] == (None, None)  # full model first, then smallest + 2 random
-    assert seen[1][0] == (52, 42)  # smallest: ceil(prev * 0.8) at every layer, from 64
+    assert seen[1][0] == smallest  # smallest: ceil(prev * 0.8) at every layer
     for cfg, mask in seen[1:]:
-        assert all(a >= b for a, b in zip(cfg, cfg[1:])) and len(mask) == 2
+        assert all(a >= b for a, b in zip(cfg, cfg[1:])) and cfg[0] <= (64 if drop_at == "padded" else 40)
+        assert len(mask) == 2
     assert model.hf_model.qa_outputs.weight.grad is not None and torch.isfinite(loss)
 
 
@@ -126,6 +131,14 @@ def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tm
     for a, b in zip(front, front[1:]):
         assert a["macs"] < b["macs"] and a["search"]["f1"] < b["search"]["f1"]
     assert result["evaluated"] >= 4
+    # the report split's cache keeps per-question F1s; each frontier point's gap to full length has a paired error
+    rows = {tuple(r["length_config"]): r for r in map(json.loads, (tmp_path / "s" / "report-cache.jsonl").open())}
+    full = rows[()]
+    assert len(full["scores"]) == 10 and abs(sum(full["scores"]) / 10 - full["metrics"]["f1"]) < 0.01
+    for p in front:
+        diff = np.array(rows[tuple(p["length_config"])]["scores"]) - np.array(full["scores"])
+        assert p["report_gap"]["gap"] == pytest.approx(p["report"]["f1"] - result["full"]["report"]["f1"])
+        assert p["report_gap"]["se"] == pytest.approx(diff.std(ddof=1) / np.sqrt(10), abs=1e-3)
     # a search resumed with both splits' caches evaluates nothing; with the search split's only, just the report split
     partial = tmp_path / ".s2.partial"
     partial.mkdir()
@@ -326,6 +339,11 @@ def test_scorer_cache_survives_a_cut_last_line_and_names_a_corrupt_one(tiny_lat,
     scorer((30, 2))
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
     assert [r["length_config"] for r in rows] == [[40, 17], [30, 2]]
+    # a cache written before per-question scores were kept still scores; its gaps come without an error
+    old = "".join(json.dumps({k: v for k, v in r.items() if k != "scores"}) + "\n" for r in rows)
+    cache.write_text(old + json.dumps({"length_config": [], "metrics": {"f1": 50.0, "questions": 6}}) + "\n")
+    scorer = Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")
+    assert scorer.gap((40, 17)) == {"gap": pytest.approx(first["f1"] - 50.0), "se": None}
     cache.write_text('{"length_config": [40, 17]}\n')
     with pytest.raises(ToolchainError, match="line 1 is not a cached score"):
         Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")

@@ -199,6 +199,8 @@ def score(data_path, predictions):
               help="random sub-models are redrawn until their MACs are at least this share of full length's")
 @click.option("--sub-max-macs-ratio", type=float, default=1.0, show_default=True,
               help="... and at most this share (the band a search deploys from)")
+@click.option("--drop-at", type=click.Choice(["padded", "real"]), default="padded", show_default=True,
+              help="sample sub-models' lengths at the padded length (LAT) or at each batch's real length")
 @click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
 @click.option("--train-skip", type=click.IntRange(min=0), default=0, show_default=True,
               help="skip this many questions of the seeded train permutation first (e.g. those fine-tuning saw)")
@@ -206,7 +208,7 @@ def score(data_path, predictions):
               help="train only on windows with at least this many real (non-padding) tokens")
 @_train_options
 def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_bound, layer_drop, num_sandwich,
-                  sub_min_macs_ratio, sub_max_macs_ratio, max_seq_length, train_skip, min_real_tokens, **kw):
+                  sub_min_macs_ratio, sub_max_macs_ratio, drop_at, max_seq_length, train_skip, min_real_tokens, **kw):
     """Drop-and-Restore training: make a fine-tuned model robust to dropping tokens per layer."""
     from toolchain.models import read_meta
     from toolchain.train_lat import SandwichConfig, train_lat
@@ -217,7 +219,8 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
                         eval_path=eval_data or _default_data(task, "dev"), out_dir=out_dir,
                         max_train_examples=kw["max_train_examples"], max_eval_examples=kw["max_eval_examples"],
                         cfg=cfg, sandwich=SandwichConfig(length_drop_ratio_bound, layer_drop, num_sandwich,
-                                                                  sub_macs_band=(sub_min_macs_ratio, sub_max_macs_ratio)),
+                                                                  sub_macs_band=(sub_min_macs_ratio, sub_max_macs_ratio),
+                                                                  drop_at=drop_at),
                         device_name=kw["device"], max_seq_length=max_seq_length, train_skip=train_skip,
                         min_real_tokens=min_real_tokens, resume=kw["resume"], force=kw["force"])
     click.echo(json.dumps(metrics, indent=2))

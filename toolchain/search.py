@@ -30,6 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from toolchain.data import prepare
+from toolchain.data.metric import question_scores
+from toolchain.data.squad import gold_answers
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
 from toolchain.export import ort_runner
@@ -113,7 +115,10 @@ def crossover(a: Config, b: Config, rng: random.Random) -> Config:
 
 
 class Scorer:
-    """Scores length configurations on one split with a cache persisted as JSON lines."""
+    """Scores length configurations on one split with a cache persisted as JSON lines.
+
+    Each row keeps the per-question scores (F1, or 100/0 for a right/wrong label) too, for `gap`'s paired error.
+    """
 
     def __init__(self, model: LengthAdaptiveModel, task: str, split, device: torch.device, cache: Path | None,
                  batch_size: int = 64, engine: str = "torch"):
@@ -121,6 +126,7 @@ class Scorer:
         self.engine = engine
         self.cache_path = cache
         self.cache: dict[Config, dict] = {}
+        self.scores: dict[Config, np.ndarray] = {}
         if cache is not None and cache.is_file():
             *lines, cut = cache.read_text().split("\n")
             if cut:  # a line an interrupted write left unfinished: drop it, so the next append starts a fresh line
@@ -128,7 +134,10 @@ class Scorer:
             for i, line in enumerate(lines, 1):
                 try:
                     row = json.loads(line)
-                    self.cache[tuple(row["length_config"])] = row["metrics"]
+                    key = tuple(row["length_config"])
+                    self.cache[key] = row["metrics"]
+                    if "scores" in row:  # absent from caches written before per-question scores were kept
+                        self.scores[key] = np.asarray(row["scores"], dtype=np.float64)
                 except (ValueError, KeyError, TypeError):
                     raise ToolchainError(f"{cache} line {i} is not a cached score: delete the file to re-score") from None
 
@@ -138,14 +147,26 @@ class Scorer:
             run = (ort_runner(self.model, cfg or None, self._sample()) if self.engine == "ort"
                    else torch_runner(self.model, self.device, length_config=cfg))
             if self.task == "squad":
-                metrics, _ = evaluate_squad(run, *self.split, batch_size=self.batch_size)
+                metrics, preds = evaluate_squad(run, *self.split, batch_size=self.batch_size)
+                f1 = question_scores(gold_answers(self.split[0]), {k: v["text"] for k, v in preds.items()})[1]
+                scores = 100.0 * np.asarray(f1)
             else:
-                metrics, _ = evaluate_classify(run, self.split, batch_size=self.batch_size)
-            self.cache[key] = metrics
+                metrics, pred = evaluate_classify(run, self.split, batch_size=self.batch_size)
+                scores = 100.0 * (pred == self.split["labels"])
+            self.cache[key], self.scores[key] = metrics, scores
             if self.cache_path is not None:
                 with open(self.cache_path, "a") as f:
-                    f.write(json.dumps({"length_config": list(key), "metrics": metrics}) + "\n")
+                    f.write(json.dumps({"length_config": list(key), "metrics": metrics,
+                                        "scores": np.round(scores, 2).tolist()}) + "\n")
         return self.cache[key]
+
+    def gap(self, cfg: Config) -> dict:
+        """`cfg`'s score minus full length's on this split, and the paired standard error of that difference
+        (None where a cache from before per-question scores holds either)."""
+        diff = score_of(self(cfg)) - score_of(self(None))
+        a, b = self.scores.get(tuple(cfg)), self.scores.get(())
+        se = None if a is None or b is None else float(np.std(a - b, ddof=1) / np.sqrt(len(a)))
+        return {"gap": diff, "se": se}
 
     def _sample(self) -> dict[str, np.ndarray]:
         """Two rows of model inputs from the split, to trace an ONNX graph with."""
@@ -259,7 +280,8 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
         return {"length_config": list(c), "macs": points[c][0], "macs_ratio": points[c][0] / full_macs,
                 "search": scorer(c), **scores}
 
-    frontier = [entry(c, report=reporter(c)) for c in tqdm(front, desc="report split", leave=False)]
+    frontier = [entry(c, report=reporter(c), report_gap=reporter.gap(c))
+                for c in tqdm(front, desc="report split", leave=False)]
     selection = None
     if select_split:
         selector = Scorer(model, task, select_split[0], device, partial / "select-cache.jsonl", batch_size, engine)
@@ -268,7 +290,8 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
         candidates = [entry(c, select=selector(c)) for c in tqdm(at_target, desc="selection split", leave=False)]
         chosen = select(candidates)
         if chosen is not None:
-            chosen = {**chosen, "report": reporter(tuple(chosen["length_config"]))}
+            chosen = {**chosen, "report": reporter(tuple(chosen["length_config"])),
+                      "report_gap": reporter.gap(tuple(chosen["length_config"]))}
         selection = {"examples": select_examples, "top": select_top, "full": selector(None), "candidates": candidates}
     else:
         chosen = choose(frontier, score_of(full_search), choose_tolerance, target_macs_ratio)
@@ -352,7 +375,9 @@ def plot_pareto(result: dict, evaluated: dict[Config, tuple[int, float]], path: 
     ax.plot(full["macs"] / 1e9, score_of(full["report"]), "*", c="C1", ms=12, label="full length (report)")
     ax.axhline(score_of(full["report"]) - 1.0, c="C1", lw=0.8, ls=":", label="full length - 1 (report)")
     if result["chosen"]:
-        ax.plot(result["chosen"]["macs"] / 1e9, score_of(result["chosen"]["report"]), "kx", ms=10, label="chosen")
+        chosen, se = result["chosen"], (result["chosen"].get("report_gap") or {}).get("se")
+        ax.errorbar(chosen["macs"] / 1e9, score_of(chosen["report"]), yerr=se, fmt="kx", ms=10, capsize=3,
+                    label="chosen" + ("" if se is None else " (paired s.e. of its gap, report)"))
     ax.set_xlabel("GMACs (batch 1" + (", mean over the real lengths)" if result.get("cost") == "real" else ")"))
     ax.set_ylabel(metric.upper() if metric == "f1" else "accuracy (%)")
     ax.grid(alpha=0.3)

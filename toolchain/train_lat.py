@@ -34,8 +34,11 @@ class SandwichConfig:
     num_sandwich: int = 2
     temperature: float = 1.0
     sub_macs_band: tuple[float, float] = (0.0, 1.0)
+    drop_at: str = "padded"
 
     def validate(self) -> None:
+        if self.drop_at not in ("padded", "real"):
+            raise ToolchainError(f"drop-at must be 'padded' or 'real', got {self.drop_at!r}")
         if not 0.0 <= self.length_drop_ratio_bound < 1.0:
             raise ToolchainError(f"length-drop-ratio-bound must be in [0, 1), got {self.length_drop_ratio_bound}")
         if not 0.0 <= self.layer_drop_prob < 1.0:
@@ -82,17 +85,20 @@ def sandwich_loss_fn(sandwich: SandwichConfig, seed: int, max_seq_length: int):
 
     Length configurations are sampled at ``max_seq_length``, the length the data was padded to, as LAT does: a
     batch cut to its longest row keeps at most the tokens it has, exactly the real tokens it would keep padded.
+    With ``sandwich.drop_at == "real"`` they are sampled at the batch's own length (its longest row's real tokens),
+    so short windows drop real tokens too instead of only their padding.
     """
     rng = random.Random(seed)
 
     def loss_fn(model: LengthAdaptiveModel, batch: dict) -> torch.Tensor:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         layers = model.num_layers
+        seq = max_seq_length if sandwich.drop_at == "padded" else int(inputs["attention_mask"].sum(1).max())
         full = _outputs(model(**inputs))
         teacher = [o.detach() for o in full]
         loss = _label_loss(full, batch)
-        configs = [smallest_length_config(layers, max_seq_length, sandwich.length_drop_ratio_bound)]
-        configs += [sample_sub_config(model, sandwich, max_seq_length, rng) for _ in range(sandwich.num_sandwich)]
+        configs = [smallest_length_config(layers, seq, sandwich.length_drop_ratio_bound)]
+        configs += [sample_sub_config(model, sandwich, seq, rng) for _ in range(sandwich.num_sandwich)]
         for cfg in configs:
             mask = sample_layer_mask(layers, sandwich.layer_drop_prob, rng)
             if not any(mask):

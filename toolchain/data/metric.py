@@ -31,17 +31,21 @@ def exact_match_score(prediction: str, ground_truth: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(ground_truth))
 
 
-def squad_scores(gold: Mapping[str, Sequence[str]], predictions: Mapping[str, str]) -> dict[str, float]:
-    """EM/F1 in percent over every question in `gold` (max over its gold answers).
+def question_scores(gold: Mapping[str, Sequence[str]], predictions: Mapping[str, str]) -> tuple[list[float], list[float]]:
+    """Per-question EM and F1 (0 or 1, and in [0, 1]; max over its gold answers) in the order of `gold`.
 
     A question without a prediction scores 0, as in the official script.
     """
-    em = f1 = 0.0
+    em, f1 = [], []
     for qid, answers in gold.items():
-        if qid not in predictions:
-            continue
-        pred = predictions[qid]
-        em += max(exact_match_score(pred, a) for a in answers)
-        f1 += max(f1_score(pred, a) for a in answers)
+        pred = predictions.get(qid)
+        em.append(0.0 if pred is None else max(exact_match_score(pred, a) for a in answers))
+        f1.append(0.0 if pred is None else max(f1_score(pred, a) for a in answers))
+    return em, f1
+
+
+def squad_scores(gold: Mapping[str, Sequence[str]], predictions: Mapping[str, str]) -> dict[str, float]:
+    """EM/F1 in percent over every question in `gold` (max over its gold answers)."""
+    em, f1 = question_scores(gold, predictions)
     n = max(len(gold), 1)
-    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
+    return {"exact_match": 100.0 * sum(em) / n, "f1": 100.0 * sum(f1) / n}
