@@ -323,6 +323,24 @@ def test_eval_cli_reproduces_the_searchs_scores_at_length_configs(tiny_lat, tmp_
     assert abs(run_eval(dropped["length_config"], 10, 12)["f1"] - dropped["report"]["f1"]) < 1e-6
     res = CliRunner().invoke(main, ["eval", "--model", str(tiny_lat), "--length-cfg", "10,20"])
     assert res.exit_code != 0 and "non-increasing" in res.output
+    # --pareto --gap on the report split reproduces the search's report_gap of the configuration it chose
+    pareto = tmp_path / "chosen.json"
+    pareto.write_text(json.dumps({**result, "chosen": dropped}))
+    args = ["eval", "--model", str(tiny_lat), "--eval-data", str(SQUAD_DEV_SLICE), "--eval-skip", "10",
+            "--max-eval-examples", "12", "--device", "cpu", "--pareto", str(pareto), "--gap", "--json",
+            str(tmp_path / "gap.json")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "gap.json").read_text())
+    assert got["length_config"] == dropped["length_config"] and got["f1"] == pytest.approx(dropped["report"]["f1"])
+    assert got["full"]["f1"] == pytest.approx(result["full"]["report"]["f1"])
+    assert got["gap"] == pytest.approx(dropped["report_gap"]["gap"]) and got["se"] == pytest.approx(dropped["report_gap"]["se"])
+    pareto.write_text(json.dumps({**result, "chosen": None}))
+    for extra, message in ((["--length-cfg", "10,5"], "not both"), ([], "chose no configuration")):
+        res = CliRunner().invoke(main, args + extra)
+        assert res.exit_code != 0 and message in res.output, res.output
+    res = CliRunner().invoke(main, ["eval", "--model", str(tiny_lat), "--gap"])
+    assert res.exit_code != 0 and "--gap compares a length configuration" in res.output
 
 
 def test_scorer_cache_survives_a_cut_last_line_and_names_a_corrupt_one(tiny_lat, tmp_path):

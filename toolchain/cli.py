@@ -135,28 +135,49 @@ def finetune(task, model_dir, train_data, eval_data, out_dir, max_seq_length, do
               help="skip this many questions of the seeded dev permutation first (the search's report split: 1000)")
 @click.option("--length-cfg", default="full", show_default=True,
               help='tokens kept per layer, e.g. "267,267,243,187,95,67" (Drop-and-Restore in PyTorch)')
+@click.option("--pareto", type=click.Path(path_type=Path), default=None,
+              help="pareto.json from toolchain search: evaluate the configuration it chose (instead of --length-cfg)")
+@click.option("--gap", is_flag=True,
+              help="also evaluate full length and report the configuration's difference to it with the paired "
+                   "standard error over the questions")
 @click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write metrics here")
-def eval_cmd(model_dir, eval_data, max_eval_examples, eval_skip, length_cfg, max_seq_length, device, json_out):
+def eval_cmd(model_dir, eval_data, max_eval_examples, eval_skip, length_cfg, pareto, gap, max_seq_length, device,
+             json_out):
     """Evaluate a fine-tuned checkpoint with PyTorch (EM/F1 or accuracy), at full length or a length configuration."""
     from toolchain.data.prepare import Columns
+    from toolchain.export import chosen_config
     from toolchain.finetune import evaluate_checkpoint
     from toolchain.lat import LengthAdaptiveModel, parse_length_config
-    from toolchain.models import load_model, load_tokenizer, read_meta
+    from toolchain.models import check_seq_length, load_model, load_tokenizer, read_meta
+    from toolchain.search import Scorer, dev_split
     from toolchain.training import resolve_device
 
     meta = read_meta(model_dir)
     if not meta:
         raise ToolchainError(f"{model_dir} is not a toolchain checkpoint (no toolchain.json)")
+    if pareto is not None and length_cfg != "full":
+        raise ToolchainError("give --length-cfg or --pareto, not both")
     task, seq = meta["task"], max_seq_length or meta["max_seq_length"]
     model = load_model(model_dir, task)
-    length_config = parse_length_config(length_cfg, model.config.num_hidden_layers, seq)
+    length_config = parse_length_config(chosen_config(pareto) if pareto else length_cfg,
+                                        model.config.num_hidden_layers, seq)
+    if gap and length_config is None:
+        raise ToolchainError("--gap compares a length configuration with full length: give --length-cfg or --pareto")
     if length_config is not None:
         model = LengthAdaptiveModel(model, keep_cls=meta.get("keep_cls"))
-    metrics = evaluate_checkpoint(model, load_tokenizer(model_dir), task, eval_data or _default_data(task, "dev"),
-                                  max_eval_examples, seq, meta.get("doc_stride", 128), resolve_device(device),
-                                  Columns.from_meta(meta), meta.get("labels"), eval_skip, length_config)
+    eval_path, dev = eval_data or _default_data(task, "dev"), resolve_device(device)
+    tokenizer = load_tokenizer(model_dir)
+    if gap:
+        check_seq_length(model.config, seq)
+        scorer = Scorer(model.to(dev), task, dev_split(eval_path, tokenizer, meta, seq, max_eval_examples, eval_skip),
+                        dev, None)
+        metrics = {**scorer(length_config), "full": scorer(None), **scorer.gap(length_config)}
+    else:
+        metrics = evaluate_checkpoint(model, tokenizer, task, eval_path, max_eval_examples, seq,
+                                      meta.get("doc_stride", 128), dev, Columns.from_meta(meta), meta.get("labels"),
+                                      eval_skip, length_config)
     metrics["length_config"] = list(length_config) if length_config else "full"
     _write_json(json_out, metrics)
     click.echo(json.dumps(metrics, indent=2))

@@ -255,6 +255,15 @@ def read_pareto(path: str | Path) -> list[list[int] | None]:
     return [point["length_config"] for point in frontier]
 
 
+def chosen_config(path: str | Path) -> list[int]:
+    """The configuration a pareto.json's search chose (`chosen`), checked like `read_pareto`."""
+    read_pareto(path)
+    chosen = json.loads(Path(path).read_text(encoding="utf-8")).get("chosen")
+    if not isinstance(chosen, dict) or not isinstance(chosen.get("length_config"), list):
+        raise ToolchainError(f"{path}: the search chose no configuration (none met its target)")
+    return chosen["length_config"]
+
+
 def export_pareto(model_dir: str | Path, pareto_json: str | Path, out_dir: str | Path,
                   max_seq_length: int | None = None, force: bool = False, optimize: str = "auto") -> Path:
     """Export the full model, every configuration on a pareto.json frontier and the chosen one into one bundle.

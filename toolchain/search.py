@@ -346,13 +346,15 @@ def _real_lengths(task: str, split) -> np.ndarray:
 
 def _splits(eval_path: Path, tokenizer, meta: dict, seq: int, counts: list[int]) -> list:
     """Disjoint splits of one seeded permutation of the dev set: consecutive runs of `counts` examples (0: none)."""
-    stride = meta.get("doc_stride", 128)
-    ranges = [(n, sum(counts[:i])) for i, n in enumerate(counts) if n]
+    return [dev_split(eval_path, tokenizer, meta, seq, n, sum(counts[:i])) for i, n in enumerate(counts) if n]
+
+
+def dev_split(eval_path: Path, tokenizer, meta: dict, seq: int, n: int | None, skip: int = 0):
+    """`n` examples of the dev set's seeded permutation after the first `skip`, in the form a `Scorer` takes."""
     if meta["task"] == "squad":
-        return [prepare.squad_split(eval_path, tokenizer, seq, stride, n, skip=skip) for n, skip in ranges]
-    columns = prepare.Columns.from_meta(meta)
-    return [prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], columns, n, skip=skip)[1]
-            for n, skip in ranges]
+        return prepare.squad_split(eval_path, tokenizer, seq, meta.get("doc_stride", 128), n, skip=skip)
+    return prepare.classify_split(eval_path, tokenizer, seq, meta["labels"], prepare.Columns.from_meta(meta), n,
+                                  skip=skip)[1]
 
 
 def plot_pareto(result: dict, evaluated: dict[Config, tuple[int, float]], path: Path) -> None:
