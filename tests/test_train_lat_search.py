@@ -147,13 +147,13 @@ def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tm
     import toolchain.search as s
 
     calls = {"n": 0}
-    real = s.evaluate_squad
+    real = s.squad_metrics
 
     def counting(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    s.evaluate_squad = counting
+    s.squad_metrics = counting
     try:
         again = search(out_dir=tmp_path / "s2", cfg=cfg, resume=True, **kwargs)
         assert calls["n"] == 0
@@ -162,9 +162,34 @@ def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tm
         (partial / "search-cache.jsonl").write_text((tmp_path / "s" / "search-cache.jsonl").read_text())
         search(out_dir=tmp_path / "s3", cfg=cfg, resume=True, **kwargs)
     finally:
-        s.evaluate_squad = real
+        s.squad_metrics = real
     assert again["frontier"] == result["frontier"]
     assert calls["n"] == 1 + len(front)  # full length and every frontier point on the report split
+
+
+def test_scoring_from_full_length_states_matches_the_whole_graph(tiny_lat):
+    """A row starts at the first layer that cuts any of its real tokens (or takes full length's outputs when none
+    does); its logits must be what the configuration's whole graph gives it."""
+    from toolchain.evaluate import run_batches
+    from toolchain.export import ort_runner
+    from toolchain.search import Scorer, dev_split
+    from toolchain.train_lat import load_length_adaptive
+
+    model, tok, meta = load_length_adaptive(tiny_lat, require_lat=True)
+    split = dev_split(SQUAD_DEV_SLICE, tok, meta, 128, 40)  # at 128 the windows' real lengths spread (48-128)
+    real = split[1].attention_mask.sum(1)
+    cfg = (int(np.percentile(real, 40)), int(np.percentile(real, 20)))
+    starts = (np.asarray(cfg)[None, :] >= real[:, None]).cumprod(1).sum(1)
+    assert set(starts) == {0, 1, 2}  # rows cut at the first layer, at the second only, and never
+    scorer = Scorer(model, "squad", split, torch.device("cpu"), None, batch_size=16, engine="ort")
+    got = scorer._outputs(cfg)
+    want = run_batches(ort_runner(model, cfg, split[1].inputs(slice(0, 2))), split[1].inputs, len(real), 16,
+                       per_token=True)
+    real_tokens = split[1].attention_mask == 1  # beyond them each batch's own padding width decides
+    for g, w in zip(got, want):
+        assert np.abs(g[real_tokens] - w[real_tokens]).max() < 1e-4
+    torch_scorer = Scorer(model, "squad", split, torch.device("cpu"), None, batch_size=16, engine="torch")
+    assert scorer(cfg)["f1"] == pytest.approx(torch_scorer(cfg)["f1"])
 
 
 def test_search_real_cost_counts_the_split_at_its_real_lengths(tiny_lat, tmp_path):

@@ -66,7 +66,7 @@ def session_runner(session, names: Sequence[str] | None = None) -> Runner:
 
     def run(feed: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
         feed = {k: feed[k] for k in names}
-        width = feed["input_ids"].shape[1]
+        width = feed["attention_mask"].shape[1]
         if not isinstance(fixed, int) or width == fixed:
             return tuple(session.run(None, feed))
         outs = session.run(None, {k: np.pad(v, ((0, 0), (0, fixed - width))) for k, v in feed.items()})
@@ -77,10 +77,11 @@ def session_runner(session, names: Sequence[str] | None = None) -> Runner:
 
 def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The batch cut to its longest row: the padding columns every row shares dropped from each per-token array
-    (2-D, as wide as the attention mask); other arrays (labels, answer positions) pass through."""
+    (token axis 1, as wide as the attention mask: ids, or hidden states); other arrays (labels, answer positions)
+    pass through."""
     mask = batch["attention_mask"]
     length = max(1, int(mask.sum(1).max()))
-    return {k: np.ascontiguousarray(v[:, :length]) if v.ndim == 2 and v.shape[1] == mask.shape[1] else v
+    return {k: np.ascontiguousarray(v[:, :length]) if v.ndim >= 2 and v.shape[1] == mask.shape[1] else v
             for k, v in batch.items()}
 
 
@@ -92,7 +93,7 @@ def run_batches(run: Runner, inputs: Callable[[slice | np.ndarray], dict[str, np
     start/end logits) every output is padded back to the full width with -inf.
     """
     full = inputs(slice(None))
-    width = full["input_ids"].shape[1]
+    width = full["attention_mask"].shape[1]
     order = np.argsort(-full["attention_mask"].sum(1), kind="stable")
     outs: list[np.ndarray] | None = None
     for b in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True,
@@ -111,6 +112,12 @@ def evaluate_squad(run: Runner, examples: list[SquadExample], features: SquadFea
                    batch_size: int = 32, desc: str = "eval") -> tuple[dict[str, float], dict[str, dict]]:
     """(metrics {exact_match, f1, questions}, predictions {id: {text, score, ...}})."""
     start, end = run_batches(run, features.inputs, len(features), batch_size, desc, per_token=True)
+    return squad_metrics(examples, features, start, end)
+
+
+def squad_metrics(examples: list[SquadExample], features: SquadFeatures, start: np.ndarray,
+                  end: np.ndarray) -> tuple[dict[str, float], dict[str, dict]]:
+    """`evaluate_squad`'s result from the start/end logits of every window."""
     preds = postprocess(examples, features, start, end)
     metrics = squad_scores(gold_answers(examples), {k: v["text"] for k, v in preds.items()})
     metrics["questions"] = len(examples)
@@ -122,5 +129,10 @@ def evaluate_classify(run: Runner, arrays: dict[str, np.ndarray], batch_size: in
     """(metrics {accuracy (percent), examples}, predicted label ids)."""
     inputs = {k: v for k, v in arrays.items() if k != "labels"}
     (logits,) = run_batches(run, lambda s: {k: v[s] for k, v in inputs.items()}, len(arrays["labels"]), batch_size, desc)
+    return classify_metrics(logits, arrays["labels"])
+
+
+def classify_metrics(logits: np.ndarray, labels: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """`evaluate_classify`'s result from the logits of every row."""
     pred = logits.argmax(-1)
-    return {"accuracy": 100.0 * float((pred == arrays["labels"]).mean()), "examples": len(pred)}, pred
+    return {"accuracy": 100.0 * float((pred == labels).mean()), "examples": len(pred)}, pred

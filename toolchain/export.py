@@ -63,18 +63,20 @@ def _export_graph(fixed: FixedLengthModel, inputs: dict[str, np.ndarray], output
 
 
 def ort_runner(model: LengthAdaptiveModel, length_config: LengthConfig, sample: dict[str, np.ndarray],
-               threads: int | None = None) -> Runner:
+               threads: int | None = None, start_layer: int = 0) -> Runner:
     """Score one configuration through ONNX Runtime: trace it to a temporary graph and load a CPU session.
 
     For evaluating many candidates (the search): ORT fp32 runs these graphs 2.2-2.9x faster than PyTorch
-    eager on CPU, and tracing one costs about a second. `sample` holds model inputs (two rows suffice).
+    eager on CPU, and tracing one costs about a second. `sample` holds model inputs (two rows suffice): token ids,
+    or with `start_layer` the hidden states entering that layer and the attention mask.
     """
     from toolchain.bench import ort_session
 
     outputs = ("start_logits", "end_logits") if model.task == "qa" else ("logits",)
     with tempfile.TemporaryDirectory(prefix="toolchain-score-") as tmp:
         path = Path(tmp) / "graph.onnx"
-        _export_graph(FixedLengthModel(model.cpu().eval(), length_config), sample, outputs, path)
+        _export_graph(FixedLengthModel(model.cpu().eval(), length_config, start_layer=start_layer), sample, outputs,
+                      path)
         return session_runner(ort_session(path, threads))
 
 

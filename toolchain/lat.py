@@ -179,33 +179,47 @@ class LengthAdaptiveModel(nn.Module):
         length_config: str | Sequence[int] | None = None,
         layer_mask: Sequence[bool] | None = None,
     ) -> LATOutput:
+        hidden = self.model.base_model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        return self.forward_from(0, hidden, attention_mask, length_config, layer_mask)
+
+    def forward_from(
+        self,
+        start_layer: int,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        length_config: str | Sequence[int] | None = None,
+        layer_mask: Sequence[bool] | None = None,
+    ) -> LATOutput:
+        """The layers from ``start_layer`` on (``length_config`` still has an entry for every layer) and the head,
+        from the hidden states [B, L, H] that enter that layer (the embeddings for layer 0). A search starts a
+        window at the first layer that drops any of its real tokens, from its full-length states (`layer_states`)."""
         lengths = parse_length_config(length_config, self.num_layers, self.config.max_position_embeddings)
         if layer_mask is not None and len(layer_mask) != self.num_layers:
             raise ToolchainError(f"layer mask has {len(layer_mask)} entries, expected {self.num_layers}")
-        base = self.model.base_model
-        hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        if not 0 <= start_layer <= self.num_layers:
+            raise ToolchainError(f"start layer {start_layer} is outside 0..{self.num_layers}")
         mask = attention_mask.to(hidden.dtype)  # 1 = real token, 0 = padding, for the current tokens
         # `seq` and `n` are the token counts at trace time (Python ints: which layers drop is fixed in an export);
         # every shape below is taken from the tensors, so an exported graph takes any length up to the traced one
         seq, width = _num_tokens(hidden), self.config.hidden_size
-        b = input_ids.shape[0]  # traced: reshapes below keep the batch and infer the token count (-1)
+        b = attention_mask.shape[0]  # traced: reshapes below keep the batch and infer the token count (-1)
         # Dropping moves whole rows of the flattened [B * n, H] states: `rows` [B, n] holds each current token's row
         # in the [B * L, H] input (b * L + position), the index of the final restore. (The layers themselves run on
         # [B, n, H]: a 2-D Linear exports as Gemm, faster in fp32 here but slower once quantized: QGemm, no GELU
         # fusion.)
         full = rows = rank = batch = None  # restore buffer [B * L, H], rows [B, n], significance rank [B, n], b [B, 1]
         n = seq
-        for i, layer in enumerate(base.encoder.layer):
-            if layer_mask is not None and not layer_mask[i]:
+        for i, layer in enumerate(self.model.base_model.encoder.layer):
+            if i < start_layer or (layer_mask is not None and not layer_mask[i]):
                 continue
             attn_out, probs = self._attention(layer, hidden, mask, b)
             keep = None if lengths is None else lengths[i]
             if keep is not None and keep < n:
                 if full is None:
                     full = hidden.reshape(-1, width)
-                    rows = (torch.ones_like(input_ids).reshape(-1).cumsum(0) - 1).view(b, -1)
+                    rows = (torch.ones_like(attention_mask, dtype=torch.long).reshape(-1).cumsum(0) - 1).view(b, -1)
                     rank = self._pad_rank(mask, rows)
-                    batch = torch.ones_like(input_ids[:, :1]).cumsum(0) - 1
+                    batch = torch.ones_like(attention_mask[:, :1], dtype=torch.long).cumsum(0) - 1
                 else:  # tokens dropped here keep their state from the previous layer
                     full = full.index_put((rows.reshape(-1),), hidden.reshape(-1, width))
                 idx = self._keep_indices(probs, mask, rank, keep)
@@ -216,8 +230,20 @@ class LengthAdaptiveModel(nn.Module):
         positions = None
         if full is not None:
             hidden = full.index_put((rows.reshape(-1),), hidden.reshape(-1, width)).view(b, -1, width)
-            positions = rows % input_ids.shape[1]
+            positions = rows % attention_mask.shape[1]
         return self._head(hidden, positions)
+
+    def layer_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     token_type_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The full-length hidden states entering layers 1, 2, ... (each layer's output but the last's)."""
+        base = self.model.base_model
+        hidden = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        mask, states = attention_mask.to(hidden.dtype), []
+        for layer in base.encoder.layer[:-1]:
+            attn_out, _ = self._attention(layer, hidden, mask, attention_mask.shape[0])
+            hidden = layer.output(layer.intermediate(attn_out), attn_out)
+            states.append(hidden)
+        return states
 
     @staticmethod
     def _attention(layer: nn.Module, hidden: torch.Tensor, mask: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +311,7 @@ class FixedLengthModel(nn.Module):
         model: LengthAdaptiveModel,
         length_config: str | Sequence[int] | None,
         layer_mask: Sequence[bool] | None = None,
+        start_layer: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -292,9 +319,13 @@ class FixedLengthModel(nn.Module):
         if layer_mask is not None and len(layer_mask) != model.num_layers:
             raise ToolchainError(f"layer mask has {len(layer_mask)} entries, expected {model.num_layers}")
         self.layer_mask = None if layer_mask is None else tuple(bool(x) for x in layer_mask)
+        self.start_layer = start_layer
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        out = self.model(input_ids, attention_mask, token_type_ids, self.length_config, self.layer_mask)
+    def forward(self, *inputs: torch.Tensor, **named: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(input_ids, attention_mask[, token_type_ids]), by position or name; with a start layer (hidden_states,
+        attention_mask) by position."""
+        if self.start_layer:
+            out = self.model.forward_from(self.start_layer, *inputs, self.length_config, self.layer_mask)
+        else:
+            out = self.model(*inputs, **named, length_config=self.length_config, layer_mask=self.layer_mask)
         return (out.start_logits, out.end_logits) if self.model.task == "qa" else (out.logits,)

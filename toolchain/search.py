@@ -9,6 +9,11 @@ Choosing the best of ~150 candidates on one split picks the lucky ones (the winn
 are scored again and the choice is made on search + selection questions together; the report split
 still only reports.
 
+Work shared between configurations is reused: with ONNX Runtime a window starts at the first layer that drops any of
+its real tokens, from its full-length states (computed once a split), since the layers before it compute what full
+length does (`Scorer._outputs`). Scoring a configuration at 52-54% of the MACs on 1,000 questions takes 1.4-1.7x less
+time that way, with the same F1.
+
 The cost of a configuration is LAT's MACs at max_seq_length (`cost="padded"`), or the mean MACs over the search
 split's inputs cut to their real lengths (`cost="real"`, how the exported graphs run them): with padding cut,
 a configuration saves only what it drops of the real tokens.
@@ -22,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +39,7 @@ from toolchain.data import prepare
 from toolchain.data.metric import question_scores
 from toolchain.data.squad import gold_answers
 from toolchain.errors import ToolchainError
-from toolchain.evaluate import evaluate_classify, evaluate_squad, torch_runner
+from toolchain.evaluate import classify_metrics, run_batches, squad_metrics, torch_runner, trim_padding
 from toolchain.export import ort_runner
 from toolchain.files import write_text
 from toolchain.finetune import check_output
@@ -124,6 +130,11 @@ class Scorer:
                  batch_size: int = 64, engine: str = "torch"):
         self.model, self.task, self.split, self.device, self.batch_size = model, task, split, device, batch_size
         self.engine = engine
+        inputs = split[1].inputs if task == "squad" else (lambda idx: {k: v[idx] for k, v in split.items() if k != "labels"})
+        self._inputs: Callable[[slice | np.ndarray], dict[str, np.ndarray]] = inputs
+        self._real = _real_lengths(task, split)
+        self._rows, self._width = len(self._real), self._inputs(slice(0, 1))["input_ids"].shape[1]
+        self._prefix_cache = None
         self.cache_path = cache
         self.cache: dict[Config, dict] = {}
         self.scores: dict[Config, np.ndarray] = {}
@@ -144,14 +155,13 @@ class Scorer:
     def __call__(self, cfg: Config | None) -> dict:
         key = cfg or ()
         if key not in self.cache:
-            run = (ort_runner(self.model, cfg or None, self._sample()) if self.engine == "ort"
-                   else torch_runner(self.model, self.device, length_config=cfg))
+            outputs = self._outputs(cfg or None)
             if self.task == "squad":
-                metrics, preds = evaluate_squad(run, *self.split, batch_size=self.batch_size)
+                metrics, preds = squad_metrics(*self.split, *outputs)
                 f1 = question_scores(gold_answers(self.split[0]), {k: v["text"] for k, v in preds.items()})[1]
                 scores = 100.0 * np.asarray(f1)
             else:
-                metrics, pred = evaluate_classify(run, self.split, batch_size=self.batch_size)
+                metrics, pred = classify_metrics(*outputs, self.split["labels"])
                 scores = 100.0 * (pred == self.split["labels"])
             self.cache[key], self.scores[key] = metrics, scores
             if self.cache_path is not None:
@@ -160,6 +170,79 @@ class Scorer:
                                         "scores": np.round(scores, 2).tolist()}) + "\n")
         return self.cache[key]
 
+    def _outputs(self, cfg: Config | None) -> tuple[np.ndarray, ...]:
+        """The model's outputs for every row of the split at `cfg`.
+
+        With ONNX Runtime a row's layers before the first one that drops any of its real tokens compute what full
+        length computes (padding goes first), and a window holds 178 real tokens of 384 on average: such rows start
+        at that layer from their full-length states (`_prefix`, computed once), through a second graph that begins at
+        the layer chosen to save the most; rows no layer cuts take full length's outputs. That halves the work of a
+        configuration at about 52% of the MACs. Other rows, and the PyTorch engine, run the whole model.
+        """
+        if self.engine != "ort":
+            run = torch_runner(self.model, self.device, length_config=cfg)
+            return run_batches(run, self._inputs, self._rows, self.batch_size, per_token=self.task == "squad")
+        if cfg is None:
+            return self._run_rows(ort_runner(self.model, None, self._inputs(slice(0, 2))), self._inputs,
+                                  np.arange(self._rows))
+        states, full = self._prefix()
+        layers = len(cfg)
+        starts = (np.asarray(cfg)[None, :] >= self._real[:, None]).cumprod(1).sum(1)  # leading layers cutting nothing
+        inner = (starts >= 1) & (starts < layers)
+        begin = 1 + int(np.argmax([j * self._real[inner & (starts >= j)].sum() for j in range(1, layers)]))
+        outputs = [o.copy() for o in full]
+        for first, rows in ((0, np.flatnonzero(starts < begin)), (begin, np.flatnonzero((starts >= begin) & inner))):
+            if len(rows):
+                feed = self._inputs if first == 0 else functools.partial(self._states_feed, states[first - 1])
+                run = ort_runner(self.model, cfg, feed(rows[:2]), start_layer=first)
+                for out, got in zip(outputs, self._run_rows(run, feed, rows)):
+                    out[rows] = got
+        return tuple(outputs)
+
+    def release(self) -> None:
+        """Free the full-length states (about 1.4 GB per 1,000 SQuAD questions at 384); computed again if needed."""
+        self._prefix_cache = None
+
+    def _run_rows(self, run, feed: Callable[[np.ndarray], dict[str, np.ndarray]], rows: np.ndarray
+                  ) -> tuple[np.ndarray, ...]:
+        """`run` over the split's `rows`, fed by `feed(rows)`, in batches; per-token outputs at the split's width."""
+        outs = run_batches(run, lambda idx: feed(rows[idx]), len(rows), self.batch_size,
+                           per_token=self.task == "squad", progress=False)
+        return tuple(np.pad(o, ((0, 0), (0, self._width - o.shape[1])), constant_values=-np.inf) for o in outs
+                     ) if self.task == "squad" else outs
+
+    def _states_feed(self, states: list[np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Graph inputs from the full-length states of `rows` (zero-padded to the split's width, at which the graphs
+        are traced so that every cutting layer cuts) and their attention mask."""
+        hidden = np.zeros((len(rows), self._width, self.model.config.hidden_size), dtype=np.float32)
+        for i, r in enumerate(rows):
+            hidden[i, :len(states[r])] = states[r]
+        return {"hidden_states": hidden, "attention_mask": self._inputs(rows)["attention_mask"]}
+
+    def _prefix(self) -> tuple[list[list[np.ndarray]], tuple[np.ndarray, ...]]:
+        """Per layer after the first, every row's full-length states entering it (cut to its real tokens), and full
+        length's outputs; computed once, with PyTorch."""
+        if self._prefix_cache is None:
+            model, layers, qa = self.model.cpu().eval(), self.model.num_layers, self.task == "squad"
+            states: list[list[np.ndarray]] = [[None] * self._rows for _ in range(layers - 1)]
+            outputs = [np.full((self._rows, self._width) if qa else (self._rows, self.model.config.num_labels),
+                               -np.inf if qa else 0.0, dtype=np.float32) for _ in range(2 if qa else 1)]
+            order = np.argsort(-self._real, kind="stable")  # rows of similar length batched, each cut to its longest
+            for b in tqdm(range(0, self._rows, self.batch_size), desc="full-length states", unit="batch", leave=False,
+                          dynamic_ncols=True):
+                rows = order[b:b + self.batch_size]
+                with torch.inference_mode():
+                    t = {k: torch.from_numpy(v) for k, v in trim_padding(self._inputs(rows)).items()}
+                    per_layer = model.layer_states(**t)
+                    out = model.forward_from(layers - 1, per_layer[-1], t["attention_mask"])
+                for layer, hidden in enumerate(per_layer):
+                    for i, r in enumerate(rows):
+                        states[layer][r] = hidden[i, :self._real[r]].numpy().copy()
+                for o, got in zip(outputs, (out.start_logits, out.end_logits) if qa else (out.logits,)):
+                    o[rows, :got.shape[1]] = got.numpy()
+            self._prefix_cache = (states, tuple(outputs))
+        return self._prefix_cache
+
     def gap(self, cfg: Config) -> dict:
         """`cfg`'s score minus full length's on this split, and the paired standard error of that difference
         (None where a cache from before per-question scores holds either)."""
@@ -167,12 +250,6 @@ class Scorer:
         a, b = self.scores.get(tuple(cfg)), self.scores.get(())
         se = None if a is None or b is None else float(np.std(a - b, ddof=1) / np.sqrt(len(a)))
         return {"gap": diff, "se": se}
-
-    def _sample(self) -> dict[str, np.ndarray]:
-        """Two rows of model inputs from the split, to trace an ONNX graph with."""
-        if self.task == "squad":
-            return self.split[1].inputs(slice(0, 2))
-        return {k: v[:2] for k, v in self.split.items() if k != "labels"}
 
 
 def resolve_engine(engine: str, device: torch.device) -> str:
@@ -270,6 +347,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
             if in_bounds(child) and child not in children and child not in points:
                 children.append(child)
         evaluate(children)
+    scorer.release()  # every configuration the search split scores from here on is cached
     front = pareto_front(points)
 
     full_search = scorer(None)
