@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from toolchain.cli import main
-from toolchain.data import SQUAD_DEV_SLICE, SQUAD_TRAIN_SLICE
+from toolchain.data import SQUAD_DEV_SLICE, SQUAD_TRAIN_SLICE, SST2_DEV_SLICE, SST2_TRAIN_SLICE
 from toolchain.data import prepare
 from toolchain.data.prepare import Columns
 from toolchain.errors import ToolchainError
@@ -167,29 +167,46 @@ def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tm
     assert calls["n"] == 1 + len(front)  # full length and every frontier point on the report split
 
 
-def test_scoring_from_full_length_states_matches_the_whole_graph(tiny_lat):
+def _prefix_matches_whole_graph(model_dir, eval_path, seq: int) -> None:
     """A row starts at the first layer that cuts any of its real tokens (or takes full length's outputs when none
-    does); its logits must be what the configuration's whole graph gives it."""
+    does); its outputs must be what the configuration's whole graph gives it, and the score the PyTorch scorer's."""
     from toolchain.evaluate import run_batches
     from toolchain.export import ort_runner
-    from toolchain.search import Scorer, dev_split
+    from toolchain.search import Scorer, dev_split, score_of
     from toolchain.train_lat import load_length_adaptive
 
-    model, tok, meta = load_length_adaptive(tiny_lat, require_lat=True)
-    split = dev_split(SQUAD_DEV_SLICE, tok, meta, 128, 40)  # at 128 the windows' real lengths spread (48-128)
-    real = split[1].attention_mask.sum(1)
+    model, tok, meta = load_length_adaptive(model_dir, require_lat=True)
+    split = dev_split(eval_path, tok, meta, seq, 40)
+    qa = meta["task"] == "squad"
+    mask = split[1].attention_mask if qa else split["attention_mask"]
+    real = mask.sum(1)
     cfg = (int(np.percentile(real, 40)), int(np.percentile(real, 20)))
     starts = (np.asarray(cfg)[None, :] >= real[:, None]).cumprod(1).sum(1)
     assert set(starts) == {0, 1, 2}  # rows cut at the first layer, at the second only, and never
-    scorer = Scorer(model, "squad", split, torch.device("cpu"), None, batch_size=16, engine="ort")
-    got = scorer._outputs(cfg)
-    want = run_batches(ort_runner(model, cfg, split[1].inputs(slice(0, 2))), split[1].inputs, len(real), 16,
-                       per_token=True)
-    real_tokens = split[1].attention_mask == 1  # beyond them each batch's own padding width decides
-    for g, w in zip(got, want):
-        assert np.abs(g[real_tokens] - w[real_tokens]).max() < 1e-4
-    torch_scorer = Scorer(model, "squad", split, torch.device("cpu"), None, batch_size=16, engine="torch")
-    assert scorer(cfg)["f1"] == pytest.approx(torch_scorer(cfg)["f1"])
+    scorer = Scorer(model, meta["task"], split, torch.device("cpu"), None, batch_size=16, engine="ort")
+    inputs = split[1].inputs if qa else (lambda idx: {k: v[idx] for k, v in split.items() if k != "labels"})
+    want = run_batches(ort_runner(model, cfg, inputs(slice(0, 2))), inputs, len(real), 16, per_token=qa)
+    for got, w in zip(scorer._outputs(cfg), want):
+        if qa:  # beyond the real tokens each batch's own padding width decides
+            got, w = got[mask == 1], w[mask == 1]
+        assert np.abs(got - w).max() < 1e-4
+    torch_scorer = Scorer(model, meta["task"], split, torch.device("cpu"), None, batch_size=16, engine="torch")
+    assert score_of(scorer(cfg)) == pytest.approx(score_of(torch_scorer(cfg)))
+
+
+def test_scoring_from_full_length_states_matches_the_whole_graph_squad(tiny_lat):
+    _prefix_matches_whole_graph(tiny_lat, SQUAD_DEV_SLICE, 128)  # at 128 the windows' real lengths spread (48-128)
+
+
+def test_scoring_from_full_length_states_matches_the_whole_graph_classify(tiny_model_dir, tmp_path):
+    ft, lat = tmp_path / "ft", tmp_path / "lat"
+    finetune(task="classify", model_dir=tiny_model_dir, train_path=SST2_TRAIN_SLICE, eval_path=SST2_DEV_SLICE,
+             out_dir=ft, max_train_examples=32, max_eval_examples=8, max_seq_length=64, doc_stride=16,
+             cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=8), device_name="cpu", columns=Columns())
+    train_lat(model_dir=ft, train_path=SST2_TRAIN_SLICE, eval_path=SST2_DEV_SLICE, out_dir=lat, max_train_examples=16,
+              max_eval_examples=8, cfg=TrainConfig(epochs=1, lr=1e-3, batch_size=8), sandwich=SandwichConfig(),
+              device_name="cpu")
+    _prefix_matches_whole_graph(lat, SST2_DEV_SLICE, 64)
 
 
 def test_search_real_cost_counts_the_split_at_its_real_lengths(tiny_lat, tmp_path):
