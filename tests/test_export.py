@@ -17,7 +17,7 @@ from toolchain.bundle import add_graph, graph_path, latency_key, load_manifest, 
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.export import OPTIMIZATIONS, export, export_pareto
-from toolchain.lat import FixedLengthModel
+from toolchain.lat import PROTECT_ANSWERS, FixedLengthModel
 from toolchain.macs import count_macs
 from toolchain.train_lat import load_length_adaptive
 
@@ -56,6 +56,7 @@ def test_graphs_match_pytorch_at_batch_1_and_8(bundle, checkpoint):
         assert entry["length_config"] == (None if cfg is None else list(cfg))
         assert entry["macs"] == count_macs(wrapper.config, cfg, SEQ, "qa")
         assert entry["parity"]["max_abs_diff"] <= 1e-4 and entry["optimization"]["method"] == "none"
+        assert entry["protect_answers"] == PROTECT_ANSWERS
         session = ort.InferenceSession(str(graph_path(bundle, entry)), providers=["CPUExecutionProvider"])
         assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
         assert [o.name for o in session.get_outputs()] == ["start_logits", "end_logits"]
@@ -262,6 +263,10 @@ def test_export_pareto_with_measured_optimization(checkpoint, tmp_path):
     graphs = manifest["graphs"]
     assert [g["name"] for g in graphs] == NAMES and manifest["chosen"] == NAMES[2] == "lat-32-12"
     assert graphs[2]["metrics"]["f1"] == 70.5
+    assert {g["protect_answers"] for g in graphs} == {0}  # a search from before the answer guard scored without it
+    with pytest.raises(ToolchainError, match="searched with protect-answers 0, not 32"):
+        export_pareto(checkpoint, tmp_path / "pareto.json", tmp_path / "c", protect_answers=32)
+    assert not (tmp_path / "c").exists()
     record = graphs[0]["optimization"]
     assert record["selected"] == "auto" and record["method"] in OPTIMIZATIONS and record["measured_on"] == "lat-full"
     assert record["candidates"]["none"]["median_ms"] > 0

@@ -24,6 +24,7 @@ from toolchain.errors import ToolchainError
 from toolchain.evaluate import session_runner
 from toolchain.export import _export_graph
 from toolchain.lat import (
+    PROTECT_ANSWERS,
     FixedLengthModel,
     LengthAdaptiveModel,
     parse_length_config,
@@ -98,8 +99,9 @@ def test_full_equals_hf_other_models(cls):
 
 
 @torch.no_grad()
-def reference_lat(model, ids, mask, types, lengths, keep_cls):
-    """Slow reference: one unpadded sample at a time, Python loops, HF layer modules called directly."""
+def reference_lat(model, ids, mask, types, lengths, keep_cls, guard=0):
+    """Slow reference: one unpadded sample at a time, Python loops, HF layer modules called directly; `guard`: the
+    QA head's top `guard` start and end positions on the states entering a layer outrank the rest there."""
     base, starts, ends = model.base_model, [], []
     for b in range(ids.shape[0]):
         n = int(mask[b].sum())
@@ -110,7 +112,10 @@ def reference_lat(model, ids, mask, types, lengths, keep_cls):
             attn_out = attn_out[0]
             if keep < len(alive):
                 significance = probs[0].sum(dim=(0, 1)).tolist()  # over heads and queries
-                ranked = sorted(range(len(alive)), key=lambda j: (not (keep_cls and alive[j] == 0), -significance[j]))
+                head = model.qa_outputs(state[alive])  # [alive, 2]
+                guarded = {j for column in head.T for j in column.argsort(descending=True)[:guard].tolist()}
+                ranked = sorted(range(len(alive)), key=lambda j: (not (keep_cls and alive[j] == 0), j not in guarded,
+                                                                   -significance[j]))
                 chosen = sorted(ranked[:keep])
                 alive, attn_out = [alive[j] for j in chosen], attn_out[chosen]
             state = state.clone()
@@ -121,13 +126,14 @@ def reference_lat(model, ids, mask, types, lengths, keep_cls):
     return starts, ends
 
 
+@pytest.mark.parametrize("guard", [0, 2])
 @pytest.mark.parametrize("keep_cls", [False, True])
 @pytest.mark.parametrize("lengths", [(20, 14, 9, 5), (24, 12, 12, 3), (10, 10, 2, 1), (17, 9, 9, 9)])
 @torch.no_grad()
-def test_matches_slow_reference(qa64, lengths, keep_cls):
+def test_matches_slow_reference(qa64, lengths, keep_cls, guard):
     ids, mask, types = padded_batch()
-    out = LengthAdaptiveModel(qa64, keep_cls=keep_cls)(ids, mask, types, length_config=lengths)
-    starts, ends = reference_lat(qa64, ids, mask, types, lengths, keep_cls)
+    out = LengthAdaptiveModel(qa64, keep_cls=keep_cls, protect_answers=guard)(ids, mask, types, length_config=lengths)
+    starts, ends = reference_lat(qa64, ids, mask, types, lengths, keep_cls, guard)
     for b, n in enumerate(REAL):
         torch.testing.assert_close(out.start_logits[b, :n], starts[b], atol=1e-10, rtol=0)
         torch.testing.assert_close(out.end_logits[b, :n], ends[b], atol=1e-10, rtol=0)
@@ -145,6 +151,28 @@ def test_padding_dropped_first(qa):
     assert torch.equal(kept[2], torch.arange(9))  # exactly the 9 real tokens of the shortest sample
     assert (kept[1] < 17).all()  # the 17-token sample keeps only real tokens
     assert (kept[:, 1:] > kept[:, :-1]).all()  # positional order preserved
+
+
+@torch.no_grad()
+def test_answer_guard(qa):
+    """The QA head's top start/end positions on the states entering a dropping layer survive its drop."""
+    ids, mask, types = padded_batch()
+    embeddings = qa.bert.embeddings(input_ids=ids, token_type_ids=types)
+    head = qa.qa_outputs(embeddings).masked_fill(mask[..., None] == 0, -math.inf)  # [B, L, 2]
+    lengths = (6, 6, 6, 6)  # only the first layer drops, so the kept positions are its choice
+    guarded = LengthAdaptiveModel(qa, protect_answers=2)(ids, mask, types, length_config=lengths).kept_positions
+    plain = LengthAdaptiveModel(qa, protect_answers=0)(ids, mask, types, length_config=lengths).kept_positions
+    for b in range(len(REAL)):
+        top = set(head[b].topk(2, dim=0).indices.flatten().tolist())
+        assert top <= set(guarded[b].tolist())
+    assert not torch.equal(guarded, plain)  # the guard changed what was kept
+    assert LengthAdaptiveModel(qa).protect_answers == PROTECT_ANSWERS and LengthAdaptiveModel(qa).guarded(0).protect_answers == 0
+    clf = make(BertForSequenceClassification, bert_config(num_labels=3))
+    assert LengthAdaptiveModel(clf).protect_answers == 0
+    with pytest.raises(ToolchainError, match="needs a question-answering model"):
+        LengthAdaptiveModel(clf, protect_answers=4)
+    with pytest.raises(ToolchainError, match="whole number >= 0"):
+        LengthAdaptiveModel(qa, protect_answers=-1)
 
 
 @torch.no_grad()
@@ -247,9 +275,10 @@ def kept_counts(graph) -> set[int]:
 
 
 @pytest.mark.timeout(20)
-def test_onnx_export_matches_pytorch_at_any_length(qa, tmp_path):
+@pytest.mark.parametrize("guard", [0, 3, 12])  # 12: more than the shortest row's 9 real tokens
+def test_onnx_export_matches_pytorch_at_any_length(qa, tmp_path, guard):
     lengths = (20, 14, 9, 5)
-    fixed = FixedLengthModel(LengthAdaptiveModel(qa), lengths).eval()
+    fixed = FixedLengthModel(LengthAdaptiveModel(qa, protect_answers=guard), lengths).eval()
     ids, mask, types = padded_batch()
     names = ["input_ids", "attention_mask", "token_type_ids"]
     inputs = {n: t.numpy() for n, t in zip(names, (ids, mask, types))}

@@ -90,10 +90,11 @@ def test_matmul_part_matches_torch_flop_counter(lengths):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(ids, torch.ones_like(ids), length_config=lengths)
     # Remove LayerNorms and the mask mul, which the flop counter does not see; add the token-significance
-    # MatMul (mask @ probs, heads x n x n per dropping layer), which LAT's count leaves out.
+    # MatMul (mask @ probs, heads x n x n per dropping layer) and the answer guard's QA head on the states entering
+    # each dropping layer (n x hidden x 2), which LAT's count leaves out.
     n, norms, significance = seq, seq * 16 + seq, 0
     for keep in lengths or (seq,) * 4:
         norms += n * 16 + min(keep, n) * 16
-        significance += 2 * n * n if keep < n else 0
+        significance += 2 * n * n + n * 16 * 2 if keep < n else 0
         n = min(keep, n)
     assert counter.get_total_flops() == 2 * (count_macs(config, lengths, max_seq_length=seq) - norms + significance)

@@ -14,6 +14,7 @@ from toolchain.data import prepare
 from toolchain.data.prepare import Columns
 from toolchain.errors import ToolchainError
 from toolchain.finetune import finetune
+from toolchain.lat import PROTECT_ANSWERS
 from toolchain.search import SearchConfig, crossover, mutate, pareto_front, search
 from toolchain.train_lat import SandwichConfig, sandwich_loss_fn, train_lat
 from toolchain.training import TrainConfig
@@ -123,7 +124,7 @@ def test_tiny_search_produces_valid_frontier_and_resumes_from_cache(tiny_lat, tm
     front = result["frontier"]
     assert front and (tmp_path / "s" / "pareto.png").is_file()
     on_disk = json.loads((tmp_path / "s" / "pareto.json").read_text())
-    assert on_disk["frontier"] == front
+    assert on_disk["frontier"] == front and on_disk["protect_answers"] == PROTECT_ANSWERS
     for p in front:
         lc = p["length_config"]
         assert len(lc) == 2 and all(a >= b for a, b in zip(lc, lc[1:]))
@@ -377,6 +378,8 @@ def test_eval_cli_reproduces_the_searchs_scores_at_length_configs(tiny_lat, tmp_
     assert got["length_config"] == dropped["length_config"] and got["f1"] == pytest.approx(dropped["report"]["f1"])
     assert got["full"]["f1"] == pytest.approx(result["full"]["report"]["f1"])
     assert got["gap"] == pytest.approx(dropped["report_gap"]["gap"]) and got["se"] == pytest.approx(dropped["report_gap"]["se"])
+    res = CliRunner().invoke(main, args + ["--protect-answers", "0"])
+    assert res.exit_code != 0 and f"searched with protect-answers {PROTECT_ANSWERS}, not 0" in res.output, res.output
     pareto.write_text(json.dumps({**result, "chosen": None}))
     for extra, message in ((["--length-cfg", "10,5"], "not both"), ([], "chose no configuration")):
         res = CliRunner().invoke(main, args + extra)
@@ -407,6 +410,10 @@ def test_scorer_cache_survives_a_cut_last_line_and_names_a_corrupt_one(tiny_lat,
     cache.write_text('{"length_config": [40, 17]}\n')
     with pytest.raises(ToolchainError, match="line 1 is not a cached score"):
         Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")
+    # scores taken with another answer guard are not this model's: a resumed search must not reuse them
+    cache.write_text(old)
+    with pytest.raises(ToolchainError, match=f"scored with protect-answers {PROTECT_ANSWERS}, this run uses 0"):
+        Scorer(model.guarded(0), "squad", split, torch.device("cpu"), cache, 4, "torch")
 
 
 def test_train_lat_on_long_windows_only(tiny_ft, tmp_path):

@@ -258,7 +258,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
         variants = [("ort", entry["precision"], lambda inputs, s=sess, sm=small: _ort_runner(s, inputs, sm))]
         if entry["precision"] == "fp32":
             for precision, model in torch_models.items():
-                fixed = FixedLengthModel(model, entry["length_config"]).eval()
+                fixed = FixedLengthModel(model.guarded(entry.get("protect_answers", 0)), entry["length_config"]).eval()
                 variants.append(("torch", precision, lambda inputs, m=fixed: (_torch_runner(m, inputs), None)))
         for batch in batches:
             inputs = inputs_for(batch, entry["max_seq_length"])

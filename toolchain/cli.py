@@ -87,6 +87,12 @@ TRAIN_OPTIONS = [
 ]
 
 
+def _guard_option(f):
+    return click.option("--protect-answers", type=click.IntRange(min=0), default=None,
+                        help="QA answer guard: the QA head's top N start and N end positions survive every drop "
+                             "(default 32 for QA; 0: LAT's significance alone; with --pareto: the search's)")(f)
+
+
 def _train_options(f):
     for option in reversed(TRAIN_OPTIONS):
         f = option(f)
@@ -143,11 +149,12 @@ def finetune(task, model_dir, train_data, eval_data, out_dir, max_seq_length, do
 @click.option("--max-seq-length", type=POSITIVE, default=None, help="default: the checkpoint's")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write metrics here")
+@_guard_option
 def eval_cmd(model_dir, eval_data, max_eval_examples, eval_skip, length_cfg, pareto, gap, max_seq_length, device,
-             json_out):
+             json_out, protect_answers):
     """Evaluate a fine-tuned checkpoint with PyTorch (EM/F1 or accuracy), at full length or a length configuration."""
     from toolchain.data.prepare import Columns
-    from toolchain.export import chosen_config
+    from toolchain.export import chosen_config, searched_guard
     from toolchain.finetune import evaluate_checkpoint
     from toolchain.lat import LengthAdaptiveModel, parse_length_config
     from toolchain.models import check_seq_length, load_model, load_tokenizer, read_meta
@@ -165,8 +172,10 @@ def eval_cmd(model_dir, eval_data, max_eval_examples, eval_skip, length_cfg, par
                                         model.config.num_hidden_layers, seq)
     if gap and length_config is None:
         raise ToolchainError("--gap compares a length configuration with full length: give --length-cfg or --pareto")
+    if pareto:
+        protect_answers = searched_guard(pareto, protect_answers)
     if length_config is not None:
-        model = LengthAdaptiveModel(model, keep_cls=meta.get("keep_cls"))
+        model = LengthAdaptiveModel(model, meta.get("keep_cls"), protect_answers)
     eval_path, dev = eval_data or _default_data(task, "dev"), resolve_device(device)
     tokenizer = load_tokenizer(model_dir)
     if gap:
@@ -179,6 +188,8 @@ def eval_cmd(model_dir, eval_data, max_eval_examples, eval_skip, length_cfg, par
                                       meta.get("doc_stride", 128), dev, Columns.from_meta(meta), meta.get("labels"),
                                       eval_skip, length_config)
     metrics["length_config"] = list(length_config) if length_config else "full"
+    if length_config is not None:
+        metrics["protect_answers"] = model.protect_answers
     _write_json(json_out, metrics)
     click.echo(json.dumps(metrics, indent=2))
 
@@ -283,6 +294,7 @@ def train_lat_cmd(model_dir, train_data, eval_data, out_dir, length_drop_ratio_b
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--engine", default="auto", type=click.Choice(["auto", "ort", "torch"]), show_default=True,
               help="what scores candidates: ONNX Runtime graphs (auto on CPU) or PyTorch (auto on CUDA)")
+@_guard_option
 @click.option("--resume", is_flag=True, help="continue an interrupted search (cached evaluations are reused)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 def search_cmd(model_dir, eval_data, out_dir, search_examples, report_examples, choose_tolerance, target_macs_ratio,
@@ -341,15 +353,16 @@ def macs(model_dir, arch, length_cfg, max_seq_length, head):
 @click.option("--optimize", type=click.Choice(["auto", "none", "ort-basic", "ort-extended", "fusion"]), default="auto",
               show_default=True, help="auto: measure the variants on the first graph, keep the fastest that passes parity")
 @click.option("--force", is_flag=True, help="replace an existing bundle")
-def export_cmd(model_dir, length_cfgs, pareto, out_dir, max_seq_length, optimize, force):
+@_guard_option
+def export_cmd(model_dir, length_cfgs, pareto, out_dir, max_seq_length, optimize, force, protect_answers):
     """Export one ONNX graph per length configuration into a verified, self-contained bundle."""
     from toolchain.bundle import load_manifest
     from toolchain.export import export, export_pareto
 
     if bool(length_cfgs) == bool(pareto):
         raise ToolchainError("give --length-cfg (repeatable) or --pareto, not both and not neither")
-    out = (export_pareto(model_dir, pareto, out_dir, max_seq_length, force, optimize) if pareto
-           else export(model_dir, out_dir, list(length_cfgs), max_seq_length, force, optimize))
+    out = (export_pareto(model_dir, pareto, out_dir, max_seq_length, force, optimize, protect_answers) if pareto
+           else export(model_dir, out_dir, list(length_cfgs), max_seq_length, force, optimize, protect_answers))
     for g in load_manifest(out, verify=False)["graphs"]:
         click.echo(f"{g['name']}\t{g['macs'] / 1e9:.3f} GMACs\t{g['optimization']['method']}")
     click.echo(out)

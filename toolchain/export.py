@@ -62,6 +62,24 @@ def _export_graph(fixed: FixedLengthModel, inputs: dict[str, np.ndarray], output
                                         for n in [*names, *outputs]})
 
 
+def _inline_weight_identities(path: Path) -> None:
+    """Point the readers of ``Identity(initializer)`` at the initializer itself. The exporter writes such an
+    Identity for each further use of a weight (the QA head, which the answer guard also applies inside the
+    encoder), and quantization only recognises a weight read straight from its initializer."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits, outputs = {t.name for t in graph.initializer}, {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if alias:
+        nodes = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+        for node in nodes:
+            node.input[:] = [alias.get(x, x) for x in node.input]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx.save(model, str(path))
+
+
 def ort_runner(model: LengthAdaptiveModel, length_config: LengthConfig, sample: dict[str, np.ndarray],
                threads: int | None = None, start_layer: int = 0) -> Runner:
     """Score one configuration through ONNX Runtime: trace it to a temporary graph and load a CPU session.
@@ -184,9 +202,11 @@ def _domains(path: Path) -> list[str]:
 
 
 def export(model_dir: str | Path, out_dir: str | Path, length_configs: Sequence[LengthConfig | str],
-           max_seq_length: int | None = None, force: bool = False, optimize: str = "auto") -> Path:
+           max_seq_length: int | None = None, force: bool = False, optimize: str = "auto",
+           protect_answers: int | None = None) -> Path:
     """Export one graph per length configuration (``None``/``"full"`` = no dropping) of a fine-tuned or
-    length-adaptive checkpoint into a bundle at ``out_dir``; returns ``out_dir``.
+    length-adaptive checkpoint into a bundle at ``out_dir``; returns ``out_dir``. ``protect_answers``: the QA answer
+    guard baked into the graphs (None: the default), recorded per graph.
 
     ``optimize``: ``auto`` measures every method in OPTIMIZATIONS on the first graph, or name one of them.
     Nothing is written unless every graph passes the PyTorch parity check.
@@ -198,7 +218,7 @@ def export(model_dir: str | Path, out_dir: str | Path, length_configs: Sequence[
         raise ToolchainError(f"output {out_dir} already exists (use --force to replace it)")
     if not model_dir.is_dir():
         raise ToolchainError(f"checkpoint not found: {model_dir}")
-    wrapper, tokenizer, meta = load_length_adaptive(model_dir)
+    wrapper, tokenizer, meta = load_length_adaptive(model_dir, protect_answers=protect_answers)
     wrapper.eval()
     config, task = wrapper.config, meta["task"]
     seq_len = check_seq_length(config, max_seq_length or meta.get("max_seq_length"))
@@ -218,6 +238,7 @@ def export(model_dir: str | Path, out_dir: str | Path, length_configs: Sequence[
             fixed = FixedLengthModel(wrapper, cfg).eval()
             raw = stage / "raw" / f"{name}.onnx"
             _export_graph(fixed, inputs, outputs, raw)
+            _inline_weight_identities(raw)
             cases = parity_cases(fixed, inputs)
             try:
                 if record is None:
@@ -230,7 +251,8 @@ def export(model_dir: str | Path, out_dir: str | Path, length_configs: Sequence[
             files[f"{name}.onnx"] = path
             entries.append({
                 "name": name, "file": f"{name}.onnx", "kind": "lat", "length_config": None if cfg is None else list(cfg),
-                "max_seq_length": seq_len, "macs": count_macs(config, cfg, seq_len, wrapper.task, config.num_labels),
+                "max_seq_length": seq_len, "protect_answers": wrapper.protect_answers,
+                "macs": count_macs(config, cfg, seq_len, wrapper.task, config.num_labels),
                 "precision": "fp32", "format": "fp32", "ep": "cpu", "opset": OPSET, "inputs": list(inputs),
                 "outputs": list(outputs), "metrics": {}, "latency_ms": {},
                 "optimization": {**record, "domains": _domains(path)}, "parity": parity,
@@ -266,8 +288,19 @@ def chosen_config(path: str | Path) -> list[int]:
     return chosen["length_config"]
 
 
+def searched_guard(path: str | Path, protect_answers: int | None) -> int:
+    """The answer guard to use with a pareto.json's configurations: the one its search scored them with (0 for a
+    search from before the guard); a different explicit value is refused, since the search's scores would not hold."""
+    searched = json.loads(Path(path).read_text(encoding="utf-8")).get("protect_answers", 0)
+    if protect_answers is not None and protect_answers != searched:
+        raise ToolchainError(f"{path} was searched with protect-answers {searched}, not {protect_answers}: "
+                             f"search again to use another guard")
+    return searched
+
+
 def export_pareto(model_dir: str | Path, pareto_json: str | Path, out_dir: str | Path,
-                  max_seq_length: int | None = None, force: bool = False, optimize: str = "auto") -> Path:
+                  max_seq_length: int | None = None, force: bool = False, optimize: str = "auto",
+                  protect_answers: int | None = None) -> Path:
     """Export the full model, every configuration on a pareto.json frontier and the chosen one into one bundle.
 
     The search's report-split accuracy of each configuration (measured in PyTorch, which the graphs
@@ -283,7 +316,8 @@ def export_pareto(model_dir: str | Path, pareto_json: str | Path, out_dir: str |
     if max_seq_length and searched and max_seq_length != searched:
         raise ToolchainError(f"{pareto_json} was searched at max_seq_length {searched}; "
                              f"its configurations cannot be exported at {max_seq_length}")
-    out = export(model_dir, out_dir, [None, *configs], max_seq_length or searched, force, optimize)
+    guard = searched_guard(pareto_json, protect_answers)
+    out = export(model_dir, out_dir, [None, *configs], max_seq_length or searched, force, optimize, guard)
     points = {graph_name(None): pareto.get("full")}
     points.update({graph_name(tuple(p["length_config"])): p for p in [*pareto["frontier"], chosen or {}]
                    if p.get("length_config")})

@@ -4,6 +4,11 @@ The wrapper reuses every submodule of a ``*ForQuestionAnswering`` / ``*ForSequen
 (embeddings, per-layer Q/K/V, attention output, feed-forward, heads) and only re-implements the layer loop:
 eager attention (so the probabilities are at hand), PoWER-BERT significance, TopK token selection after the
 attention block, and a final scatter that restores every dropped token's last state to its position.
+
+For QA, the answer guard (ours, inference only) keeps each drop from taking the likeliest answer tokens: the QA head
+scores the states entering the layer (the states a token dropped there keeps, which Restore trains the head on), and
+the top ``protect_answers`` start and end positions outrank every other token. It costs 2 x hidden MACs a token per
+dropping layer (not counted, like the significance itself).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from toolchain.errors import ToolchainError
 
 LengthConfig = tuple[int, ...] | None
 Rng = random.Random | np.random.Generator
+PROTECT_ANSWERS = 32  # QA default: start and end positions the answer guard keeps at every drop
 
 
 def parse_length_config(value: str | Sequence[int] | None, num_layers: int, max_seq_length: int) -> LengthConfig:
@@ -130,7 +136,7 @@ class LATOutput(ModelOutput):
 class LengthAdaptiveModel(nn.Module):
     """Drop-and-restore wrapper around a BERT/RoBERTa QA or sequence-classification model."""
 
-    def __init__(self, hf_model: nn.Module, keep_cls: bool | None = None) -> None:
+    def __init__(self, hf_model: nn.Module, keep_cls: bool | None = None, protect_answers: int | None = None) -> None:
         super().__init__()
         config = hf_model.config
         if hasattr(hf_model, "qa_outputs"):
@@ -154,6 +160,15 @@ class LengthAdaptiveModel(nn.Module):
         self.model = hf_model
         self._task = task
         self.keep_cls = (task == "classify") if keep_cls is None else bool(keep_cls)
+        self.protect_answers = (PROTECT_ANSWERS if task == "qa" else 0) if protect_answers is None else protect_answers
+        if not isinstance(self.protect_answers, int) or self.protect_answers < 0:
+            raise ToolchainError(f"protect-answers must be a whole number >= 0, got {protect_answers!r}")
+        if self.protect_answers and task != "qa":
+            raise ToolchainError("protect-answers needs a question-answering model (it keeps the QA head's best spans)")
+
+    def guarded(self, protect_answers: int) -> LengthAdaptiveModel:
+        """The same weights with another answer guard (a bundle's graph records the guard it was exported with)."""
+        return LengthAdaptiveModel(self.model, self.keep_cls, protect_answers)
 
     @property
     def hf_model(self) -> nn.Module:
@@ -222,7 +237,8 @@ class LengthAdaptiveModel(nn.Module):
                     batch = torch.ones_like(attention_mask[:, :1], dtype=torch.long).cumsum(0) - 1
                 else:  # tokens dropped here keep their state from the previous layer
                     full = full.index_put((rows.reshape(-1),), hidden.reshape(-1, width))
-                idx = self._keep_indices(probs, mask, rank, keep)
+                guarded = self._guarded(hidden, mask, rank) if self.protect_answers else None
+                idx = self._keep_indices(probs, mask, rank, keep, guarded)
                 rows, mask, rank = rows.gather(1, idx), mask.gather(1, idx), rank.gather(1, idx)
                 attn_out = attn_out.reshape(-1, width)[(idx + batch * hidden.shape[1]).reshape(-1)].view(b, -1, width)
                 n = keep
@@ -269,15 +285,34 @@ class LengthAdaptiveModel(nn.Module):
             rank = torch.cat([torch.full_like(rank[:, :1], math.inf), rank[:, 1:]], dim=1)
         return rank
 
+    def _guarded(self, hidden: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+        """[B, n]: 1 for the real tokens among the QA head's top `protect_answers` start or end positions on the
+        states entering the layer (and for an always-kept [CLS]), else 0."""
+        with torch.no_grad():
+            logits = self.model.qa_outputs(hidden).masked_fill(mask[..., None] == 0, -math.inf)  # [B, n, 2]
+            # the m-th best logit by a descending sort cut at m (Slice clamps: a shorter input guards all its tokens);
+            # a threshold, not TopK indices, so ORT and PyTorch guard the same tokens whatever their tie order
+            threshold = logits.sort(dim=1, descending=True).values[:, : self.protect_answers].amin(dim=1, keepdim=True)
+            guarded = (logits >= threshold).any(dim=-1).to(mask.dtype) * mask
+        return torch.maximum(guarded, torch.isinf(rank).to(mask.dtype))
+
     @staticmethod
-    def _keep_indices(probs: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor, keep: int) -> torch.Tensor:
-        """Indices [B, keep] (ascending) of the most significant current tokens."""
+    def _keep_indices(probs: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor, keep: int,
+                      guarded: torch.Tensor | None = None) -> torch.Tensor:
+        """Indices [B, keep] (ascending) of the most significant current tokens, the `guarded` ones first."""
         # attention received from real queries, summed over heads (>= 0, exactly 0 for padding keys): a mask-weighted
         # sum over the queries as one MatMul, which reads the [B, heads, n, n] probabilities once
         score = (mask[:, None, None, :] @ probs).sum(dim=(1, 2)) + rank
-        # a full descending sort cut at `keep` (ONNX Slice clamps, so a shorter input keeps all its tokens), then
-        # the kept indices in ascending order
-        return score.argsort(dim=1, descending=True)[:, :keep].sort(dim=1).values
+        order = score.argsort(dim=1, descending=True)
+        if guarded is not None:
+            # guarded tokens first, each group in significance order: each token's place in `order` (whole numbers,
+            # exact in any float type) moved ahead by n when guarded; adding a constant to the significance instead
+            # would round close significances together, and ORT and PyTorch would then break the ties differently
+            place = order.argsort(dim=1).to(score.dtype)
+            order = (place - guarded * score.shape[1]).argsort(dim=1)
+        # the sorted order cut at `keep` (ONNX Slice clamps, so a shorter input keeps all its tokens), then the kept
+        # indices in ascending order
+        return order[:, :keep].sort(dim=1).values
 
     def _head(self, sequence: torch.Tensor, positions: torch.Tensor | None) -> LATOutput:
         model = self.model

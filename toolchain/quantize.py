@@ -108,10 +108,11 @@ def fallback_units(graph: onnx.GraphProto) -> dict[str, list[str]]:
 
     Graphs are topologically sorted: no norm before the embeddings, one after them, then per encoder layer an
     attention segment (Q, K, V, then the attention output projection last) and a feed-forward segment (FFN in,
-    then FFN out last), each closed by a norm; the head follows the last norm.
+    then FFN out last), each closed by a norm; the head follows the last norm. The answer guard's uses of the head's
+    weights inside the encoder belong to the head.
     """
     total = sum(n.op_type in NORMS for n in graph.node)
-    weights = {n.name for n in weight_nodes(graph)}
+    weights = {n.name: n.input[0] if n.op_type == "Gather" else n.input[1] for n in weight_nodes(graph)}
     segments: dict[int, list[str]] = {}
     norms = 0
     for node in graph.node:
@@ -126,6 +127,10 @@ def fallback_units(graph: onnx.GraphProto) -> dict[str, list[str]]:
             first, last = ("qkv", "attention-out") if count % 2 else ("ffn-in", "ffn-out")
             units[first] += nodes[:-1]
             units[last].append(nodes[-1])
+    head = {weights[n] for n in units["head"]}
+    for unit in ("qkv", "attention-out", "ffn-in", "ffn-out"):
+        units["head"] += [n for n in units[unit] if weights[n] in head]
+        units[unit] = [n for n in units[unit] if weights[n] not in head]
     return {unit: nodes for unit, nodes in units.items() if nodes}
 
 
@@ -367,8 +372,8 @@ def _quantize_graph(bundle_dir: Path, entry: dict, work: Path, calib: dict[str, 
         "trials": [{"fallback_units": t["fallback_units"], metric: t["metrics"][metric]} for t in trials],
         "size_ratio": round(out.stat().st_size / entry["size_bytes"], 4), "seconds": round(seconds, 1),
     }
-    new = {key: entry[key] for key in ("kind", "depth", "length_config", "max_seq_length", "macs", "opset", "inputs",
-                                       "outputs") if key in entry}
+    new = {key: entry[key] for key in ("kind", "depth", "length_config", "protect_answers", "max_seq_length", "macs",
+                                       "opset", "inputs", "outputs") if key in entry}
     new.update(name=int8_name(name, ep), file=f"{int8_name(name, ep)}.onnx", precision="int8", format=fmt, ep=ep,
                metrics={**accepted["metrics"], "fp32": fp32}, latency_ms={}, parent=name,
                optimization={"method": "quantize-static", "parent_method": entry["optimization"].get("method")},

@@ -68,6 +68,7 @@ class SearchConfig:
     max_macs_ratio: float = 1.0
     seed: int = 42
     cost: str = "padded"  # MACs at max_seq_length (LAT's), or "real": mean over the search split's real lengths
+    protect_answers: int | None = None  # the QA answer guard (None: the default, lat.PROTECT_ANSWERS)
 
     def validate(self) -> None:
         for name in ("iterations", "population", "parents"):
@@ -146,11 +147,15 @@ class Scorer:
                 try:
                     row = json.loads(line)
                     key = tuple(row["length_config"])
+                    guard = row.get("protect_answers", 0)  # absent from caches written before the answer guard
                     self.cache[key] = row["metrics"]
                     if "scores" in row:  # absent from caches written before per-question scores were kept
                         self.scores[key] = np.asarray(row["scores"], dtype=np.float64)
                 except (ValueError, KeyError, TypeError):
                     raise ToolchainError(f"{cache} line {i} is not a cached score: delete the file to re-score") from None
+                if key and guard != model.protect_answers:  # full length drops nothing, whatever the guard
+                    raise ToolchainError(f"{cache} was scored with protect-answers {guard}, this run uses "
+                                         f"{model.protect_answers}: give --protect-answers {guard} or delete the file")
 
     def __call__(self, cfg: Config | None) -> dict:
         key = cfg or ()
@@ -166,8 +171,8 @@ class Scorer:
             self.cache[key], self.scores[key] = metrics, scores
             if self.cache_path is not None:
                 with open(self.cache_path, "a") as f:
-                    f.write(json.dumps({"length_config": list(key), "metrics": metrics,
-                                        "scores": np.round(scores, 2).tolist()}) + "\n")
+                    f.write(json.dumps({"length_config": list(key), "metrics": metrics, "protect_answers":
+                                        self.model.protect_answers, "scores": np.round(scores, 2).tolist()}) + "\n")
         return self.cache[key]
 
     def _outputs(self, cfg: Config | None) -> tuple[np.ndarray, ...]:
@@ -290,7 +295,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
     partial = check_output(out_dir, force, resume)
     device = resolve_device(device_name)
     engine = resolve_engine(engine, device)
-    model, tokenizer, meta = load_length_adaptive(model_dir, require_lat=True)
+    model, tokenizer, meta = load_length_adaptive(model_dir, require_lat=True, protect_answers=cfg.protect_answers)
     model.to(device).eval()
     task, layers = meta["task"], model.num_layers
     seq = check_seq_length(model.config, max_seq_length or meta["max_seq_length"])
@@ -376,7 +381,7 @@ def search(*, model_dir: Path, eval_path: Path, out_dir: Path, search_examples: 
         chosen = choose(frontier, score_of(full_search), choose_tolerance, target_macs_ratio)
     result = {
         "model": str(model_dir), "task": task, "max_seq_length": seq, "metric": "f1" if task == "squad" else "accuracy",
-        "cost": cfg.cost,
+        "cost": cfg.cost, "protect_answers": model.protect_answers,
         "full": {"length_config": None, "macs": full_macs, "search": full_search, "report": full_report},
         "frontier": frontier, "chosen": chosen, "selection": selection, "evaluated": len(points),
         "splits": {"data": str(eval_path), "search_examples": search_examples, "report_examples": report_examples,

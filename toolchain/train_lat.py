@@ -110,14 +110,16 @@ def sandwich_loss_fn(sandwich: SandwichConfig, seed: int, max_seq_length: int):
     return loss_fn
 
 
-def load_length_adaptive(model_dir: Path, require_lat: bool = False) -> tuple[LengthAdaptiveModel, object, dict]:
-    """(wrapper, tokenizer, meta) for a fine-tuned checkpoint; `require_lat` insists on a train-lat one."""
+def load_length_adaptive(model_dir: Path, require_lat: bool = False,
+                         protect_answers: int | None = None) -> tuple[LengthAdaptiveModel, object, dict]:
+    """(wrapper, tokenizer, meta) for a fine-tuned checkpoint; `require_lat` insists on a train-lat one;
+    `protect_answers` sets the answer guard (None: `lat.PROTECT_ANSWERS` for QA, off for classification)."""
     meta = read_meta(model_dir)
     if not meta:
         raise ToolchainError(f"{model_dir} is not a toolchain checkpoint (no toolchain.json)")
     if require_lat and not meta.get("length_adaptive"):
         raise ToolchainError(f"{model_dir} is not length-adaptive: train it with `toolchain train-lat` first")
-    model = LengthAdaptiveModel(load_model(model_dir, meta["task"]), keep_cls=meta.get("keep_cls"))
+    model = LengthAdaptiveModel(load_model(model_dir, meta["task"]), meta.get("keep_cls"), protect_answers)
     return model, load_tokenizer(model_dir), meta
 
 
@@ -135,7 +137,7 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     cfg.validate()
     sandwich.validate()
     device = resolve_device(device_name)
-    model, tokenizer, meta = load_length_adaptive(model_dir)
+    model, tokenizer, meta = load_length_adaptive(model_dir, protect_answers=0)  # the guard is for inference only
     task, seq, stride = meta["task"], max_seq_length or meta["max_seq_length"], meta.get("doc_stride", 128)
     check_seq_length(model.hf_model.config, seq)
     if not 0 <= min_real_tokens <= seq:

@@ -95,9 +95,10 @@ def check_answers(bundle: Bundle, entries: Sequence[Mapping], model: torch.nn.Mo
         onnx_metrics, onnx_preds = evaluate_squad(session_runner(bundle.session(entry, ep), entry["inputs"]), examples,
                                                   features[seq], desc=entry["name"])
         bundle.release(entry, ep)  # one session at a time: a bundle's sessions together outgrow the memory
-        key = (seq, None if config is None else tuple(config))
+        guard = entry.get("protect_answers", 0)  # absent from bundles exported before the answer guard
+        key = (seq, None if config is None else tuple(config), guard)
         if key not in pytorch:
-            pytorch[key] = evaluate_squad(torch_runner(model, length_config=config), examples, features[seq],
+            pytorch[key] = evaluate_squad(torch_runner(model.guarded(guard), length_config=config), examples, features[seq],
                                           desc=f"{entry['name']} pytorch")
         torch_metrics, torch_preds = pytorch[key]
         differ = [{"id": ex.id, "onnx": onnx_preds[ex.id]["text"], "pytorch": torch_preds[ex.id]["text"]}
