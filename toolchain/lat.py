@@ -288,12 +288,11 @@ class LengthAdaptiveModel(nn.Module):
     def _guarded(self, hidden: torch.Tensor, mask: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
         """[B, n]: 1 for the real tokens among the QA head's top `protect_answers` start or end positions on the
         states entering the layer (and for an always-kept [CLS]), else 0."""
-        with torch.no_grad():
-            logits = self.model.qa_outputs(hidden).masked_fill(mask[..., None] == 0, -math.inf)  # [B, n, 2]
-            # the m-th best logit by a descending sort cut at m (Slice clamps: a shorter input guards all its tokens);
-            # a threshold, not TopK indices, so ORT and PyTorch guard the same tokens whatever their tie order
-            threshold = logits.sort(dim=1, descending=True).values[:, : self.protect_answers].amin(dim=1, keepdim=True)
-            guarded = (logits >= threshold).any(dim=-1).to(mask.dtype) * mask
+        logits = self.model.qa_outputs(hidden).masked_fill(mask[..., None] == 0, -math.inf)  # [B, n, 2]
+        # the m-th best logit by a descending sort cut at m (Slice clamps: a shorter input guards all its tokens);
+        # a threshold, not TopK indices, so ORT and PyTorch guard the same tokens whatever their tie order
+        threshold = logits.sort(dim=1, descending=True).values[:, : self.protect_answers].amin(dim=1, keepdim=True)
+        guarded = (logits >= threshold).any(dim=-1).to(mask.dtype) * mask
         return torch.maximum(guarded, torch.isinf(rank).to(mask.dtype))
 
     @staticmethod
