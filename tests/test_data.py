@@ -50,6 +50,45 @@ def test_answer_span_survives_tokenization(tokenizer, seq, stride):
     assert len(with_answer) >= 0.98 * len(examples) and found >= len(examples)
 
 
+def test_balanced_windows(tokenizer):
+    examples = load_squad(SQUAD_DEV_SLICE)[:120]
+    bal, std = build_features(examples, tokenizer, 128, 32), build_features(examples, tokenizer, 128, 32, balanced=False)
+    real = lambda f: f.attention_mask.sum(1)  # noqa: E731
+    assert np.array_equal(np.bincount(bal.example_index), np.bincount(std.example_index))  # as many windows each
+    split = 0
+    for i, ex in enumerate(examples):
+        b, s = np.nonzero(bal.example_index == i)[0], np.nonzero(std.example_index == i)[0]
+        if len(s) == 1:  # a context that fits is left alone
+            assert np.array_equal(bal.input_ids[b], std.input_ids[s]) and np.array_equal(bal.offsets[b], std.offsets[s])
+            continue
+        split += 1
+        # windows as even as the tokens allow (the last shorter by less than one token a window), never longer
+        # than BERT's full ones
+        assert real(bal)[b].max() <= real(std)[s].max() and np.ptp(real(bal)[b[:-1]]) == 0
+        assert np.ptp(real(bal)[b]) < len(b)
+        # the same context tokens, consecutive windows sharing doc_stride of them
+        spans = [{tuple(o) for o in bal.offsets[w] if o[0] >= 0} for w in b]
+        assert set().union(*spans) == set().union(*({tuple(o) for o in std.offsets[w] if o[0] >= 0} for w in s))
+        assert all(len(x & y) == 32 for x, y in zip(spans, spans[1:]))
+        # padding after the real tokens
+        for w in b:
+            n = real(bal)[w]
+            assert bal.attention_mask[w, :n].all() and (bal.input_ids[w, n:] == tokenizer.pad_token_id).all()
+            assert (bal.offsets[w, n:] == -1).all()
+    assert split >= 20
+    ids = [e.id for e in examples]
+    assert postprocess(examples, bal, *(np.zeros(bal.input_ids.shape),) * 2).keys() == set(ids)
+
+
+def test_left_padding_tokenizer_is_refused(tokenizer):
+    tokenizer.padding_side = "left"
+    try:
+        with pytest.raises(ToolchainError, match="pads on the right"):
+            build_features(load_squad(SQUAD_DEV_SLICE)[:2], tokenizer, 128, 32)
+    finally:
+        tokenizer.padding_side = "right"
+
+
 def test_postprocess_recovers_gold_span_from_peaked_logits(tokenizer):
     examples = load_squad(SQUAD_DEV_SLICE)[:40]
     feats = build_features(examples, tokenizer, 128, 32)

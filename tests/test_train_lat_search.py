@@ -404,7 +404,8 @@ def test_scorer_cache_survives_a_cut_last_line_and_names_a_corrupt_one(tiny_lat,
     assert [r["length_config"] for r in rows] == [[40, 17], [30, 2]]
     # a cache written before per-question scores were kept still scores; its gaps come without an error
     old = "".join(json.dumps({k: v for k, v in r.items() if k != "scores"}) + "\n" for r in rows)
-    cache.write_text(old + json.dumps({"length_config": [], "metrics": {"f1": 50.0, "questions": 6}}) + "\n")
+    cache.write_text(old + json.dumps({"length_config": [], "metrics": {"f1": 50.0, "questions": 6},
+                                       "windows": "balanced"}) + "\n")
     scorer = Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")
     assert scorer.gap((40, 17)) == {"gap": pytest.approx(first["f1"] - 50.0), "se": None}
     cache.write_text('{"length_config": [40, 17]}\n')
@@ -414,6 +415,10 @@ def test_scorer_cache_survives_a_cut_last_line_and_names_a_corrupt_one(tiny_lat,
     cache.write_text(old)
     with pytest.raises(ToolchainError, match=f"scored with protect-answers {PROTECT_ANSWERS}, this run uses 0"):
         Scorer(model.guarded(0), "squad", split, torch.device("cpu"), cache, 4, "torch")
+    # nor scores taken on BERT's windows, before they were balanced
+    cache.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "windows"}) + "\n" for r in rows))
+    with pytest.raises(ToolchainError, match="before windows were balanced"):
+        Scorer(model, "squad", split, torch.device("cpu"), cache, 4, "torch")
 
 
 def test_train_lat_on_long_windows_only(tiny_ft, tmp_path):
@@ -422,14 +427,14 @@ def test_train_lat_on_long_windows_only(tiny_ft, tmp_path):
                   device_name="cpu", max_seq_length=128)
     tok = AutoTokenizer.from_pretrained(tiny_ft)
     stride = json.loads((tiny_ft / "toolchain.json").read_text()).get("doc_stride", 128)
-    _, feats = prepare.squad_split(SQUAD_TRAIN_SLICE, tok, 128, stride, 16, 42, split="train")
+    _, feats = prepare.squad_split(SQUAD_TRAIN_SLICE, tok, 128, stride, 16, 42, split="train", balanced=False)
     real = feats.attention_mask.sum(1)
     cut = int(sorted(real)[len(real) // 2]) + 1  # about half the windows are shorter
     summary = train_lat(out_dir=tmp_path / "a", min_real_tokens=cut, **kwargs)
     assert summary["train_windows"] == int((real >= cut).sum()) and 0 < summary["train_windows"] < len(real)
     meta = json.loads((tmp_path / "a" / "toolchain.json").read_text())
     assert meta["train_lat"]["min_real_tokens"] == cut
-    _, wide = prepare.squad_split(SQUAD_TRAIN_SLICE, tok, 384, stride, 16, 42, split="train")
+    _, wide = prepare.squad_split(SQUAD_TRAIN_SLICE, tok, 384, stride, 16, 42, split="train", balanced=False)
     longest = int(wide.attention_mask.sum(1).max())
     assert longest < 384  # at 384 every window of these 16 questions has padding
     with pytest.raises(ToolchainError, match="no training window has"):

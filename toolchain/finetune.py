@@ -72,7 +72,7 @@ def finetune(*, task: str, model_dir: Path | None, train_path: Path, eval_path: 
     t0 = time.time()
     if task == "squad":
         _, features = prepare.squad_split(train_path, tokenizer, max_seq_length, doc_stride, max_train_examples,
-                                          cfg.seed, split="train")
+                                          cfg.seed, split="train", balanced=False)
         data, labels = prepare.squad_train_arrays(features), None
     else:
         labels, data = prepare.classify_split(train_path, tokenizer, max_seq_length, None, columns,

@@ -203,7 +203,7 @@ def _task_data(bundle_dir: Path, task: str, tokenizer, calib_data: str | Path, e
     if task == "squad":
         stride = min(meta.get("doc_stride", 128), seq_len // 2)  # as in export
         examples, feats = prepare.squad_split(calib_data, tokenizer, seq_len, stride, calib_samples, seed,
-                                              split="train")
+                                              split="train", balanced=False)
         calib, found = feats.inputs(slice(0, calib_samples)), len(examples)
         dev, dev_feats = prepare.squad_split(eval_data, tokenizer, seq_len, stride, eval_examples, skip=eval_skip)
         evaluate = lambda run: evaluate_squad(run, dev, dev_feats, desc="quantize eval")[0]  # noqa: E731

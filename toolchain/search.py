@@ -156,6 +156,9 @@ class Scorer:
                 if key and guard != model.protect_answers:  # full length drops nothing, whatever the guard
                     raise ToolchainError(f"{cache} was scored with protect-answers {guard}, this run uses "
                                          f"{model.protect_answers}: give --protect-answers {guard} or delete the file")
+                if task == "squad" and row.get("windows") != "balanced":
+                    raise ToolchainError(f"{cache} was scored on BERT's SQuAD windows, before windows were balanced: "
+                                         "delete the file to re-score")
 
     def __call__(self, cfg: Config | None) -> dict:
         key = cfg or ()
@@ -171,8 +174,10 @@ class Scorer:
             self.cache[key], self.scores[key] = metrics, scores
             if self.cache_path is not None:
                 with open(self.cache_path, "a") as f:
+                    windows = {"windows": "balanced"} if self.task == "squad" else {}  # see squad.build_features
                     f.write(json.dumps({"length_config": list(key), "metrics": metrics, "protect_answers":
-                                        self.model.protect_answers, "scores": np.round(scores, 2).tolist()}) + "\n")
+                                        self.model.protect_answers, **windows,
+                                        "scores": np.round(scores, 2).tolist()}) + "\n")
         return self.cache[key]
 
     def _outputs(self, cfg: Config | None) -> tuple[np.ndarray, ...]:

@@ -149,7 +149,7 @@ def train_lat(*, model_dir: Path, train_path: Path, eval_path: Path, out_dir: Pa
     t0 = time.time()
     if task == "squad":
         _, feats = prepare.squad_split(train_path, tokenizer, seq, stride, max_train_examples, cfg.seed,
-                                       split="train", skip=train_skip)
+                                       split="train", skip=train_skip, balanced=False)
         data = prepare.squad_train_arrays(feats)
     else:
         _, data = prepare.classify_split(train_path, tokenizer, seq, meta["labels"], columns, max_train_examples,

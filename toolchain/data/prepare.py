@@ -31,11 +31,12 @@ class Columns:
 
 
 def squad_split(path: str | Path, tokenizer, max_seq_length: int, doc_stride: int, n: int | None = None,
-                seed: int = 0, split: str = "validation", skip: int = 0,
+                seed: int = 0, split: str = "validation", skip: int = 0, balanced: bool = True,
                 ) -> tuple[list[squad.SquadExample], squad.SquadFeatures]:
-    """`n` questions (after skipping `skip`) of a seeded permutation, and their features."""
+    """`n` questions (after skipping `skip`) of a seeded permutation, and their features (`balanced` windows for
+    evaluation, BERT's for training: `squad.build_features`)."""
     examples = take(squad.load_squad(path, split=split), n, seed, skip)
-    return examples, squad.build_features(examples, tokenizer, max_seq_length, doc_stride)
+    return examples, squad.build_features(examples, tokenizer, max_seq_length, doc_stride, balanced=balanced)
 
 
 def squad_train_arrays(features: squad.SquadFeatures) -> dict[str, np.ndarray]:

@@ -112,38 +112,76 @@ def check_lengths(max_seq_length: int, doc_stride: int) -> None:
         raise ToolchainError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
 
 
-def build_features(examples: list[SquadExample], tokenizer, max_seq_length: int = 384, doc_stride: int = 128,
-                   batch_size: int = 1000) -> SquadFeatures:
-    """Split each (question, context) into windows of max_seq_length with doc_stride tokens of overlap.
+def _windows(tokenizer, examples: list[SquadExample], max_length: int, doc_stride: int,
+             ) -> list[tuple[int, list[int], list[int] | None, np.ndarray]]:
+    """Unpadded windows of max_length tokens over (question, context), consecutive ones sharing doc_stride context
+    tokens: (index into `examples`, input ids, token type ids, offsets with (-1, -1) for non-context tokens)."""
+    enc = tokenizer([ex.question for ex in examples], [ex.context for ex in examples], truncation="only_second",
+                    max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
+                    return_offsets_mapping=True)
+    out = []
+    for i in range(len(enc["input_ids"])):
+        offsets = np.array([o if s == 1 else (-1, -1) for o, s in zip(enc["offset_mapping"][i], enc.sequence_ids(i))],
+                           dtype=np.int64).reshape(-1, 2)
+        out.append((enc["overflow_to_sample_mapping"][i], enc["input_ids"][i],
+                    enc["token_type_ids"][i] if "token_type_ids" in enc else None, offsets))
+    return out
 
-    The answer span is located through the fast tokenizer's offset mapping; windows that do not
-    contain the whole answer point at [CLS] (index 0), as in BERT's SQuAD recipe.
+
+def _balanced(tokenizer, examples: list[SquadExample], windows: list, doc_stride: int) -> list:
+    """`windows` with each context that needs k > 1 of them split again into k windows as short as that allows (the
+    same overlap), instead of k - 1 full ones and a short last one."""
+    by_example: dict[int, list] = {}
+    for w in windows:
+        by_example.setdefault(w[0], []).append(w)
+    again: dict[int, list[int]] = {}  # window length -> the examples to split again at it
+    for ex_idx, group in by_example.items():
+        if (k := len(group)) > 1:
+            context = [int((w[3][:, 0] >= 0).sum()) for w in group]
+            total = sum(context) - (k - 1) * doc_stride  # the context's tokens
+            # k windows of c context tokens cover k * c - (k - 1) * doc_stride of them
+            length = -(-(total + (k - 1) * doc_stride) // k) + len(group[0][1]) - context[0]
+            again.setdefault(length, []).append(ex_idx)
+    for length, indices in again.items():
+        for ex_idx in indices:
+            by_example[ex_idx] = []
+        for w in _windows(tokenizer, [examples[i] for i in indices], length, doc_stride):
+            by_example[indices[w[0]]].append((indices[w[0]], *w[1:]))
+    return [w for group in by_example.values() for w in group]
+
+
+def build_features(examples: list[SquadExample], tokenizer, max_seq_length: int = 384, doc_stride: int = 128,
+                   batch_size: int = 1000, balanced: bool = True) -> SquadFeatures:
+    """Split each (question, context) into windows of at most max_seq_length tokens with doc_stride tokens of
+    overlap, padded to max_seq_length.
+
+    With `balanced` (for evaluation and inference), a context that needs k > 1 windows gets k windows of equal
+    length rather than BERT's k - 1 full ones and a short last one (`balanced=False`, kept for training): a length
+    configuration drops real tokens by a window's length, so it cut a full first window deeply and a short second
+    one not at all, and the question's best span was then chosen between windows that no longer scored alike.
+    The answer span is located through the fast tokenizer's offset mapping; windows that do not contain the whole
+    answer point at [CLS] (index 0), as in BERT's SQuAD recipe.
     """
     check_lengths(max_seq_length, doc_stride)
     if not getattr(tokenizer, "is_fast", False):
         raise ToolchainError("a fast tokenizer (tokenizer.json) is needed for offset mappings")
+    if tokenizer.padding_side != "right":
+        raise ToolchainError(f"SQuAD windows need a tokenizer that pads on the right, not {tokenizer.padding_side!r}")
     specials = tokenizer.num_special_tokens_to_add(pair=True)
     longest_q = max(map(len, tokenizer([ex.question for ex in examples], add_special_tokens=False)["input_ids"]))
     if longest_q + specials + doc_stride >= max_seq_length:
         raise ToolchainError(
             f"max_seq_length ({max_seq_length}) too small: the longest question has {longest_q} tokens, plus "
             f"{specials} special tokens and doc_stride {doc_stride} leaves no room for context")
-    pad_right = tokenizer.padding_side == "right"
     columns: dict[str, list] = {k: [] for k in ("input_ids", "attention_mask", "token_type_ids", "example_index",
                                                   "offsets", "start", "end")}
     for b in range(0, len(examples), batch_size):
         chunk = examples[b:b + batch_size]
-        enc = tokenizer(
-            [ex.question for ex in chunk], [ex.context for ex in chunk],
-            truncation="only_second" if pad_right else "only_first", max_length=max_seq_length, stride=doc_stride,
-            return_overflowing_tokens=True, return_offsets_mapping=True, padding="max_length",
-        )
-        for i in range(len(enc["input_ids"])):
-            ex_idx = enc["overflow_to_sample_mapping"][i]
+        windows = _windows(tokenizer, chunk, max_seq_length, doc_stride)
+        if balanced:
+            windows = _balanced(tokenizer, chunk, windows, doc_stride)
+        for ex_idx, ids, types, offsets in windows:
             ex = chunk[ex_idx]
-            seq_ids = enc.sequence_ids(i)
-            offsets = np.array([o if s == 1 else (-1, -1) for o, s in zip(enc["offset_mapping"][i], seq_ids)],
-                               dtype=np.int64)
             start = end = 0
             if ex.answers:
                 a_start = ex.answer_starts[0]
@@ -152,12 +190,13 @@ def build_features(examples: list[SquadExample], tokenizer, max_seq_length: int 
                 if offsets[ctx[0], 0] <= a_start and offsets[ctx[-1], 1] >= a_end:
                     start = int(ctx[np.nonzero(offsets[ctx, 0] <= a_start)[0][-1]])
                     end = int(ctx[np.nonzero(offsets[ctx, 1] >= a_end)[0][0]])
-            columns["input_ids"].append(enc["input_ids"][i])
-            columns["attention_mask"].append(enc["attention_mask"][i])
-            if "token_type_ids" in enc:
-                columns["token_type_ids"].append(enc["token_type_ids"][i])
+            pad = max_seq_length - len(ids)
+            columns["input_ids"].append(ids + [tokenizer.pad_token_id] * pad)
+            columns["attention_mask"].append([1] * len(ids) + [0] * pad)
+            if types is not None:
+                columns["token_type_ids"].append(types + [tokenizer.pad_token_type_id] * pad)
             columns["example_index"].append(b + ex_idx)
-            columns["offsets"].append(offsets)
+            columns["offsets"].append(np.pad(offsets, ((0, pad), (0, 0)), constant_values=-1))
             columns["start"].append(start)
             columns["end"].append(end)
     as_int = lambda k: np.asarray(columns[k], dtype=np.int64)  # noqa: E731
