@@ -52,7 +52,8 @@ def test_answer_span_survives_tokenization(tokenizer, seq, stride):
 
 def test_balanced_windows(tokenizer):
     examples = load_squad(SQUAD_DEV_SLICE)[:120]
-    bal, std = build_features(examples, tokenizer, 128, 32), build_features(examples, tokenizer, 128, 32, balanced=False)
+    bal = build_features(examples, tokenizer, 128, 32)
+    std = build_features(examples, tokenizer, 128, 32, balanced=False)
     real = lambda f: f.attention_mask.sum(1)  # noqa: E731
     assert np.array_equal(np.bincount(bal.example_index), np.bincount(std.example_index))  # as many windows each
     split = 0

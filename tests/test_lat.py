@@ -166,7 +166,8 @@ def test_answer_guard(qa):
         top = set(head[b].topk(2, dim=0).indices.flatten().tolist())
         assert top <= set(guarded[b].tolist())
     assert not torch.equal(guarded, plain)  # the guard changed what was kept
-    assert LengthAdaptiveModel(qa).protect_answers == PROTECT_ANSWERS and LengthAdaptiveModel(qa).guarded(0).protect_answers == 0
+    assert LengthAdaptiveModel(qa).protect_answers == PROTECT_ANSWERS
+    assert LengthAdaptiveModel(qa).guarded(0).protect_answers == 0
     clf = make(BertForSequenceClassification, bert_config(num_labels=3))
     assert LengthAdaptiveModel(clf).protect_answers == 0
     with pytest.raises(ToolchainError, match="needs a question-answering model"):

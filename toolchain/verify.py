@@ -98,8 +98,8 @@ def check_answers(bundle: Bundle, entries: Sequence[Mapping], model: torch.nn.Mo
         guard = entry.get("protect_answers", 0)  # absent from bundles exported before the answer guard
         key = (seq, None if config is None else tuple(config), guard)
         if key not in pytorch:
-            pytorch[key] = evaluate_squad(torch_runner(model.guarded(guard), length_config=config), examples, features[seq],
-                                          desc=f"{entry['name']} pytorch")
+            pytorch[key] = evaluate_squad(torch_runner(model.guarded(guard), length_config=config), examples,
+                                          features[seq], desc=f"{entry['name']} pytorch")
         torch_metrics, torch_preds = pytorch[key]
         differ = [{"id": ex.id, "onnx": onnx_preds[ex.id]["text"], "pytorch": torch_preds[ex.id]["text"]}
                   for ex in examples if onnx_preds[ex.id]["text"] != torch_preds[ex.id]["text"]]
