@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import make_tiny_model_dir
 from toolchain.bench import bench_bundle, compare_reports, speedup_table, time_fn, time_interleaved, write_outputs
-from toolchain.bundle import latency_key, load_manifest
+from toolchain.bundle import latency_key, load_manifest, update_manifest
 from toolchain.cli import main
 from toolchain.errors import ToolchainError
 from toolchain.export import export
@@ -52,8 +52,10 @@ def test_time_interleaved_round_robin():
 
 
 def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
+    update_manifest(bundle, lambda m: m.update(chosen="lat-40-20"))  # as export --pareto records a search's choice
     report = bench_bundle(bundle, [1, 2], threads=1, repeats=2, torch_eager=True, reference=False, min_seconds=0.0)
     rows = report["results"]
+    assert {r["graph"] for r in rows if r["chosen"]} == {"lat-40-20"}
     # per graph and batch: ORT fp32, PyTorch fp32 and PyTorch dynamic INT8 at the same configuration
     assert {(r["graph"], r["engine"], r["precision"], r["batch"]) for r in rows} == {
         (g, e, p, b) for g in ("lat-full", "lat-40-20") for e, p in (("ort", "fp32"), ("torch", "fp32"),
@@ -70,7 +72,8 @@ def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
     report["reference"] = [{**rows[0], "graph": "bert-base", "engine": "torch", "batch": 1,
                             "latency_ms_median": 10 * rows[0]["latency_ms_median"], "length_config": None}]
     table = speedup_table(report, 1)
-    assert "| lat-40-20 | ort | fp32 |" in table and "10.0x" in table
+    assert "| **lat-40-20** (chosen) | ort | fp32 |" in table and "| lat-full | ort | fp32 |" in table
+    assert "10.0x" in table
     write_outputs(report, tmp_path / "b.json", tmp_path / "t.md", tmp_path / "plots")
     assert json.loads((tmp_path / "b.json").read_text())["results"] == rows
     assert (tmp_path / "t.md").read_text().startswith("### batch 1")

@@ -238,6 +238,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
         click.echo(f"warning: source checkpoint {source} not found; PyTorch rows skipped", err=True)
         torch_eager = False
     seqs = {g["max_seq_length"] for g in entries}
+    chosen = manifest.get("chosen")
     cache: dict[tuple[int, int], dict] = {}
 
     def inputs_for(batch: int, seq: int | None = None) -> dict[str, np.ndarray]:
@@ -265,7 +266,9 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
             for engine, precision, make in variants:
                 plan.append(({"graph": entry["name"], "engine": engine, "precision": precision, "batch": batch,
                               "macs": entry["macs"], "f1": score, "length_config": entry["length_config"],
-                              "size_mb": entry["size_bytes"] / 1e6}, *make(inputs)))
+                              "size_mb": entry["size_bytes"] / 1e6,
+                              "chosen": chosen is not None and chosen in (entry["name"], entry.get("parent"))},
+                             *make(inputs)))
     if reference:
         plan += bert_base_reference(max(seqs), batches, threads, inputs_for, spinning)
     results, ref = [], []
@@ -299,7 +302,8 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
 
 
 def speedup_table(report: dict, batch: int = 1) -> str:
-    """Markdown in the QuaLA-MiniLM paper's Table 1 columns, speedups vs BERT-base PyTorch fp32 in this run."""
+    """Markdown in the QuaLA-MiniLM paper's Table 1 columns, speedups vs BERT-base PyTorch fp32 in this run; the
+    search's chosen configuration (and the INT8 graphs made from it) marked."""
     base = next((r for r in report["reference"] if r["engine"] == "torch" and r["batch"] == batch), None)
     lines = [f"| model | engine | precision | size (MB) | tokens per layer | F1 | latency b{batch} (ms, median) "
              f"| GMACs | speedup vs BERT-base PyTorch fp32 | x roofline |",
@@ -311,7 +315,8 @@ def speedup_table(report: dict, batch: int = 1) -> str:
         f1 = f"{r['f1']:.1f}" if r.get("f1") is not None else "-"
         size = f"{r['size_mb']:.0f}" if r.get("size_mb") else "-"
         roof = f"{r['roofline_multiple']:.1f}" if r.get("roofline_multiple") else "-"
-        lines.append(f"| {r['graph']} | {r['engine']} | {r['precision']} | {size} | {tokens} | {f1} | "
+        name = f"**{r['graph']}** (chosen)" if r.get("chosen") else r["graph"]
+        lines.append(f"| {name} | {r['engine']} | {r['precision']} | {size} | {tokens} | {f1} | "
                      f"{r['latency_ms_median']:.1f} | {r['macs'] / 1e9:.2f} | {speed} | {roof} |")
     return "\n".join(lines) + "\n"
 
@@ -358,7 +363,7 @@ def _spreads(report: dict) -> dict[tuple, float]:
 
 def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
     """F1 vs latency and F1 vs GMACs of the ORT rows with a measured F1: every graph a dot, the Pareto front (the
-    graphs no other graph beats on both axes) joined by a line, per precision."""
+    graphs no other graph beats on both axes) joined by a line, per precision; the chosen configuration circled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,6 +381,9 @@ def plot_bench(report: dict, out_dir: Path, batch: int = 1) -> list[Path]:
                 ax.scatter(*zip(*pts.values()), marker=marker, color=color, alpha=0.4, label=f"{precision}, every graph")
                 ax.plot(*zip(*(pts[g] for g in pareto_front(pts))), marker=marker, color=color,
                         label=f"{precision}, Pareto front")
+        chosen = [(r[x_key] / (1e9 if x_key == "macs" else 1), r["f1"]) for r in rows if r.get("chosen")]
+        if chosen:
+            ax.scatter(*zip(*chosen), s=160, facecolors="none", edgecolors="black", label="chosen configuration")
         ax.set_xlabel(label)
         ax.set_ylabel("F1 / accuracy")
         ax.grid(alpha=0.3)
