@@ -1,6 +1,9 @@
 """`toolchain bench` on a tiny bundle, and `toolchain run` recipes (skip finished steps, clear errors)."""
 
 import json
+import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +54,34 @@ def test_time_interleaved_round_robin():
     assert slowed["runs"] == 4 and 3.0 < slowed["slice_spread"] <= 9.0 + 0.5
 
 
+_FAULTS = """
+import resource, sys
+import torch
+if sys.argv[1] == "keep":
+    from toolchain.hardware import keep_freed_memory
+    assert keep_freed_memory().startswith("glibc")
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(16 * 2**20)  # 64 MB, over glibc's largest mmap threshold (numpy would ask for huge pages)
+    del block
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))  # steady state: the heap has grown to hold the block and what else got allocated
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_keep_freed_memory_stops_page_faults_on_reused_blocks():
+    """A 64 MB block allocated again and again faults its 16,384 pages in afresh each time by default, and (once the
+    heap has grown to hold it) not at all when freed memory is kept."""
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    assert faults("system") > 10_000
+    assert faults("keep") < 1_000
+
+
 def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
     update_manifest(bundle, lambda m: m.update(chosen="lat-40-20"))  # as export --pareto records a search's choice
     report = bench_bundle(bundle, [1, 2], threads=1, repeats=2, torch_eager=True, reference=False, min_seconds=0.0)
@@ -63,6 +94,7 @@ def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
     for r in rows:
         assert r["latency_ms_median"] > 0 and r["roofline_ms"] > 0 and r["roofline_multiple"] > 0
     assert report["machine"]["gemm_peak_gops"]["int8"] > 0 and report["machine"]["cores"] >= 1
+    assert report["machine"]["malloc"] in ("glibc, freed memory kept (no mmap, no trim)", "system default")
     sizes = {r["graph"]: r["size_mb"] for r in rows}  # two configurations of one model: one copy of the weights
     assert max(sizes.values()) <= report["bundle_mb"] < 1.1 * max(sizes.values())
     manifest = load_manifest(bundle)  # latencies were written back, checksums still verify

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from toolchain import bundle as bundles
 from toolchain.errors import ToolchainError
 from toolchain.files import write_json, write_text
-from toolchain.hardware import cpu_info, machine_summary
+from toolchain.hardware import cpu_info, keep_freed_memory, machine_summary
 from toolchain.search import pareto_front
 
 
@@ -203,7 +203,7 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for, 
 
 def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = None, repeats: int = 10,
                  torch_eager: bool = True, reference: bool = True, graphs: list[str] | None = None,
-                 min_seconds: float = 1.0, rounds: int = 4, spinning: bool = False) -> dict:
+                 min_seconds: float = 1.0, rounds: int = 4, spinning: bool = False, keep_memory: bool = True) -> dict:
     """Time every graph (and its PyTorch twin) of a bundle; write the ORT latencies into the manifest.
 
     Every measurement (all graphs, engines, batches and the BERT-base reference) is timed round-robin in
@@ -211,6 +211,8 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     measurement takes at least ``repeats`` runs (fewer at large batches) and ``min_seconds`` in total.
     ``spinning`` lets ORT's worker threads spin between parallel sections (ORT's own default; right for a
     dedicated machine, see ``ort_session``); it is recorded with the results and the manifest latencies.
+    ``keep_memory`` makes malloc keep freed memory (``keep_freed_memory``), so PyTorch eager rows do not pay page
+    faults for their large activations on every run.
     """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
@@ -225,6 +227,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
 
         click.echo(f"warning: {threads} threads on {cores} cores will oversubscribe the CPU", err=True)
     torch.set_num_threads(threads)
+    malloc = keep_freed_memory() if keep_memory else "system default"
     manifest = bundles.load_manifest(bundle_dir)
     entries = [g for g in manifest["graphs"] if g["kind"] == "lat" and g["ep"] == "cpu"
                and (graphs is None or g["name"] in graphs)]
@@ -296,7 +299,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
                                                              "spinning": spinning}
 
     bundles.update_manifest(bundle_dir, record)
-    return {"machine": {**machine_summary(threads), "gemm_peak_gops": peaks, "ort_spinning": spinning},
+    return {"machine": {**machine_summary(threads), "gemm_peak_gops": peaks, "ort_spinning": spinning, "malloc": malloc},
             "bundle": str(bundle_dir), "bundle_mb": bundles.bundle_bytes(bundle_dir, entries) / 1e6,
             "seq_length": max(seqs), "rounds": rounds, "results": results, "reference": ref}
 

@@ -494,6 +494,9 @@ def _check_writable(*paths: Path | None) -> None:
               help="time all measurements round-robin in this many slices (drift hits every row alike)")
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="ORT worker threads spin between parallel sections (for a dedicated machine; recorded)")
+@click.option("--system-malloc", is_flag=True,
+              help="leave malloc as it is: PyTorch rows then fault in their large activations on every run (by default "
+                   "glibc keeps freed memory, as the caching allocators PyTorch's CPU tuning guide recommends do)")
 @click.option("--graphs", default=None, help="only these graph names, comma separated")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)
@@ -504,8 +507,8 @@ def _check_writable(*paths: Path | None) -> None:
               help="an earlier bench JSON: report how much every speedup ratio moved (stability check)")
 @click.option("--stability-tolerance", type=float, default=0.10, show_default=True,
               help="with --compare: the largest relative change of a speedup ratio accepted")
-def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, graphs, json_out, markdown_out, plots_dir, no_torch,
-          no_reference, compare_path, stability_tolerance):
+def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, system_malloc, graphs, json_out, markdown_out,
+          plots_dir, no_torch, no_reference, compare_path, stability_tolerance):
     """ORT vs PyTorch latency of every graph in a bundle, with BERT-base as the reference (Table 1)."""
     from toolchain.bench import bench_bundle, compare_reports, size_note, speedup_table, write_outputs
 
@@ -521,7 +524,7 @@ def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, graphs
         if no_reference or not previous["reference"]:
             raise ToolchainError("--compare needs the BERT-base reference in both runs (its PyTorch row is the base)")
     report = bench_bundle(bundle_dir, batches, threads, repeats, not no_torch, not no_reference,
-                          graphs.split(",") if graphs else None, min_seconds, rounds, spin)
+                          graphs.split(",") if graphs else None, min_seconds, rounds, spin, not system_malloc)
     if previous is not None:
         report["stability"] = {"previous": str(compare_path),
                                **compare_reports(previous, report, stability_tolerance)}
