@@ -203,7 +203,7 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for, 
 
 def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = None, repeats: int = 10,
                  torch_eager: bool = True, reference: bool = True, graphs: list[str] | None = None,
-                 min_seconds: float = 1.0, rounds: int = 4, spinning: bool = False, keep_memory: bool = True) -> dict:
+                 min_seconds: float = 1.0, rounds: int = 4, spinning: bool = False, keep_memory: bool = False) -> dict:
     """Time every graph (and its PyTorch twin) of a bundle; write the ORT latencies into the manifest.
 
     Every measurement (all graphs, engines, batches and the BERT-base reference) is timed round-robin in
@@ -212,7 +212,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     ``spinning`` lets ORT's worker threads spin between parallel sections (ORT's own default; right for a
     dedicated machine, see ``ort_session``); it is recorded with the results and the manifest latencies.
     ``keep_memory`` makes malloc keep freed memory (``keep_freed_memory``), so PyTorch eager rows do not pay page
-    faults for their large activations on every run.
+    faults for their large activations on every run (at a price in peak memory; recorded as ``machine.malloc``).
     """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
