@@ -211,8 +211,11 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     measurement takes at least ``repeats`` runs (fewer at large batches) and ``min_seconds`` in total.
     ``spinning`` lets ORT's worker threads spin between parallel sections (ORT's own default; right for a
     dedicated machine, see ``ort_session``); it is recorded with the results and the manifest latencies.
-    ``keep_memory`` makes malloc keep freed memory (``keep_freed_memory``), so PyTorch eager rows do not pay page
-    faults for their large activations on every run (at a price in peak memory; recorded as ``machine.malloc``).
+    ``keep_memory`` makes malloc keep freed memory (``keep_freed_memory``) from the first batch size over 1 on (batch
+    sizes are timed in increasing order), so PyTorch eager rows do not pay page faults for their large activations on
+    every run (at a price in peak memory; recorded as ``machine.malloc``). Batch 1 stays on the default allocator: its
+    activations are reused anyway, and whole-bundle runs that kept memory from the start timed every ORT batch-1 row
+    19-73% slower (unexplained; docs/results.md).
     """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
@@ -227,7 +230,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
 
         click.echo(f"warning: {threads} threads on {cores} cores will oversubscribe the CPU", err=True)
     torch.set_num_threads(threads)
-    malloc = keep_freed_memory() if keep_memory else "system default"
+    malloc = "system default"
     manifest = bundles.load_manifest(bundle_dir)
     entries = [g for g in manifest["graphs"] if g["kind"] == "lat" and g["ep"] == "cpu"
                and (graphs is None or g["name"] in graphs)]
@@ -276,7 +279,9 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
         plan += bert_base_reference(max(seqs), batches, threads, inputs_for, spinning)
     results, ref = [], []
     # fewer runs at large batches; within a batch size the plan keeps the bundle's graph order
-    for batch in batches:
+    for batch in sorted(batches):
+        if keep_memory and batch > 1 and malloc == "system default":
+            malloc = f"{keep_freed_memory()}, from batch {batch} on"
         part = [item for item in plan if item[0]["batch"] == batch]
         timings = time_interleaved([fn for _, fn, _ in part], rounds, 2, max(rounds, repeats // max(1, batch // 4)),
                                    min_seconds, desc=f"bench batch {batch}", after_slice=[after for *_, after in part])
