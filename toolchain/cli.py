@@ -495,9 +495,9 @@ def _check_writable(*paths: Path | None) -> None:
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="ORT worker threads spin between parallel sections (for a dedicated machine; recorded)")
 @click.option("--keep-freed-memory", is_flag=True,
-              help="glibc's malloc keeps freed memory, as the caching allocators PyTorch's CPU tuning guide recommends do: "
-                   "PyTorch rows at large batches then stop faulting in their activations on every run (recorded; peak "
-                   "memory grows, 18 GB for the CPU recipe's bundle at batch 32)")
+              help="from the first batch size over 1 on, glibc's malloc keeps freed memory, as the caching allocators "
+                   "PyTorch's CPU tuning guide recommends do: PyTorch rows then stop faulting in their activations on "
+                   "every run (recorded; peak memory grows, 18 GB for the CPU recipe's bundle at batch 32)")
 @click.option("--graphs", default=None, help="only these graph names, comma separated")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)
