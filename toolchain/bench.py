@@ -214,8 +214,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     ``keep_memory`` makes malloc keep freed memory (``keep_freed_memory``) from the first batch size over 1 on (batch
     sizes are timed in increasing order), so PyTorch eager rows do not pay page faults for their large activations on
     every run (at a price in peak memory; recorded as ``machine.malloc``). Batch 1 stays on the default allocator: its
-    activations are reused anyway, and whole-bundle runs that kept memory from the start timed every ORT batch-1 row
-    19-73% slower (unexplained; docs/results.md).
+    activations are under glibc's mmap threshold and reused anyway.
     """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
@@ -281,7 +280,8 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     # fewer runs at large batches; within a batch size the plan keeps the bundle's graph order
     for batch in sorted(batches):
         if keep_memory and batch > 1 and malloc == "system default":
-            malloc = f"{keep_freed_memory()}, from batch {batch} on"
+            kept = keep_freed_memory()  # "system default" where malloc is not glibc's
+            malloc = kept if kept == "system default" else f"{kept}, from batch {batch} on"
         part = [item for item in plan if item[0]["batch"] == batch]
         timings = time_interleaved([fn for _, fn, _ in part], rounds, 2, max(rounds, repeats // max(1, batch // 4)),
                                    min_seconds, desc=f"bench batch {batch}", after_slice=[after for *_, after in part])
