@@ -52,12 +52,13 @@ def test_time_interleaved_round_robin():
     durations = iter([0.02] * 3 + [0.2] * 3)  # per slice: a warm-up run, then two timed runs
     (slowed,) = time_interleaved([lambda: time.sleep(next(durations))], rounds=2, warmup=1, repeats=3)
     assert slowed["runs"] == 4 and 3.0 < slowed["slice_spread"] <= 9.0 + 0.5
+    assert len(slowed["slice_medians_ms"]) == 2 and slowed["slice_medians_ms"][1] > 3 * slowed["slice_medians_ms"][0]
 
 
 _FAULTS = """
 import ctypes, resource, sys
-if sys.argv[1] == "keep":
-    from toolchain.hardware import keep_freed_memory
+if sys.argv[1] in ("keep", "release"):
+    from toolchain.hardware import keep_freed_memory, release_freed_memory
     assert keep_freed_memory().startswith("glibc")
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
@@ -67,6 +68,8 @@ for _ in range(4):
     block = libc.malloc(64 * 2**20)  # over glibc's largest mmap threshold (32 MB)
     ctypes.memset(block, 1, 64 * 2**20)
     libc.free(block)
+    if sys.argv[1] == "release":
+        release_freed_memory()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(min(faults[1:]), max(faults[1:]))
 """
@@ -75,7 +78,7 @@ print(min(faults[1:]), max(faults[1:]))
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
 def test_keep_freed_memory_stops_page_faults_on_reused_blocks():
     """A 64 MB block allocated again faults its 16,384 pages in afresh each time by default, and not when freed memory
-    is kept."""
+    is kept, until it is released to the system."""
     def faults(mode: str) -> tuple[int, int]:
         """The fewest and the most page faults of the allocations after the first."""
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
@@ -84,6 +87,7 @@ def test_keep_freed_memory_stops_page_faults_on_reused_blocks():
 
     assert faults("system")[0] > 10_000
     assert faults("keep")[1] < 1_000
+    assert faults("release")[0] > 10_000
 
 
 def test_bench_rows_manifest_table_and_outputs(bundle, tmp_path):
@@ -144,6 +148,22 @@ def test_compare_reports_flags_ratios_that_moved():
     assert len(quiet["unstable"]) == 1 and quiet["unstable_within_noise"] == 0
     with pytest.raises(ToolchainError, match="share no row"):
         compare_reports(first, {"reference": [], "results": []})
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_bench_keeps_freed_memory_by_default_from_the_first_batch_over_1(bundle, tmp_path):
+    """The CLI keeps freed memory (in a process of its own: mallopt lasts as long as the process) and says so;
+    --no-keep-freed-memory leaves glibc as it is."""
+    args = ["bench", "--bundle", str(bundle), "--batch", "1,2", "--repeats", "2", "--rounds", "2", "--min-seconds", "0",
+            "--no-reference"]
+    subprocess.run([sys.executable, "-m", "toolchain.cli", *args, "--json", str(tmp_path / "kept.json")], check=True,
+                   capture_output=True)
+    kept = json.loads((tmp_path / "kept.json").read_text())
+    assert kept["machine"]["malloc"].endswith("handed back after each slice, from batch 2 on")
+    assert all(len(r["slice_medians_ms"]) == 2 for r in kept["results"])
+    result = CliRunner().invoke(main, [*args, "--no-keep-freed-memory", "--json", str(tmp_path / "system.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "system.json").read_text())["machine"]["malloc"] == "system default"
 
 
 def test_bench_compare_rejects_a_file_that_is_not_a_report(bundle, tmp_path):

@@ -494,10 +494,10 @@ def _check_writable(*paths: Path | None) -> None:
               help="time all measurements round-robin in this many slices (drift hits every row alike)")
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="ORT worker threads spin between parallel sections (for a dedicated machine; recorded)")
-@click.option("--keep-freed-memory", is_flag=True,
-              help="from the first batch size over 1 on, glibc's malloc keeps freed memory, as the caching allocators "
-                   "PyTorch's CPU tuning guide recommends do: PyTorch rows then stop faulting in their activations on "
-                   "every run (recorded; peak memory grows, 18 GB for the CPU recipe's bundle at batch 32)")
+@click.option("--keep-freed-memory/--no-keep-freed-memory", default=True, show_default=True,
+              help="from the first batch size over 1 on, glibc's malloc keeps freed memory within each slice, as the "
+                   "caching allocators PyTorch's CPU tuning guide recommends do: PyTorch rows then stop faulting in "
+                   "their activations on every run (recorded)")
 @click.option("--graphs", default=None, help="only these graph names, comma separated")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--markdown", "markdown_out", type=click.Path(path_type=Path), default=None)

@@ -35,6 +35,16 @@ def keep_freed_memory() -> str:
     return "glibc, freed memory kept (no mmap, no trim)"
 
 
+def release_freed_memory() -> None:
+    """Hand the free pages of glibc's heap back to the kernel (``malloc_trim(0)``); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and platform.libc_ver()[0] == "glibc":
+        ctypes.CDLL(name).malloc_trim(0)
+
+
 @lru_cache(maxsize=1)
 def cpu_info() -> dict:
     """{'model': str, 'generation': 'family.model' or '', 'isa': [names], 'cores': usable cores}.
