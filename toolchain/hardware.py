@@ -12,6 +12,19 @@ ISA_FLAGS = {"amx_int8": "AMX", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-V
              "avx512f": "AVX512", "avx2": "AVX2"}
 
 
+@lru_cache(maxsize=1)
+def _glibc():
+    """The C library when it is glibc (whose malloc the two functions below tune), else None."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name and platform.libc_ver()[0] == "glibc" else None
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> str:
     """Make glibc's malloc keep freed memory for reuse, for the rest of the process; returns what was set.
 
@@ -21,14 +34,7 @@ def keep_freed_memory() -> str:
     moves with the host's load. PyTorch's CPU tuning guide recommends a caching allocator (jemalloc, TCMalloc) for
     this; no mmap for large blocks and no trimming is glibc's own equivalent. ORT keeps its own arena either way.
     """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name and platform.libc_ver()[0] == "glibc" else None
-    except OSError:
-        libc = None
+    libc = _glibc()
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's mallopt parameter numbers
     if libc is None or not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
         return "system default"
@@ -37,12 +43,9 @@ def keep_freed_memory() -> str:
 
 def release_freed_memory() -> None:
     """Hand the free pages of glibc's heap back to the kernel (``malloc_trim(0)``); a no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name and platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL(name).malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @lru_cache(maxsize=1)
