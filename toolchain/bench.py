@@ -226,8 +226,8 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     sizes are timed in increasing order), so PyTorch eager rows do not pay page faults for their large activations on
     every run; after each slice the free memory goes back to the system (``release_freed_memory``), so peak memory
     is the loaded models plus one measurement's activations, not a heap that grows with every measurement (a bundle
-    of 24 graphs at batch 32: 6.0 instead of 16.7 GB). Recorded as ``machine.malloc``. Batch 1 stays on the default allocator: its
-    activations are under glibc's mmap threshold and reused anyway.
+    of 24 graphs at batch 32: 6.0 instead of 16.7 GB). Recorded as ``machine.malloc``. Batch 1 stays on the default
+    allocator: its activations are under glibc's mmap threshold and reused anyway.
     """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
