@@ -82,7 +82,7 @@ def time_fn(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, min_se
 
 
 def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = "cpu",
-                spinning: bool = False) -> ort.InferenceSession:
+                spinning: bool = False, profile_prefix: str | None = None) -> ort.InferenceSession:
     """An ORT session with fixed intra-op threads (default: all cores), sequential execution.
 
     Spinning worker threads are off by default: on a machine shared with other work they cost far more
@@ -92,6 +92,7 @@ def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = 
     SkipLayerNormalization fusion is off: in the INT8 graphs it replaces Add + LayerNormalization by a
     kernel that is slower on this CPU (ORT 1.31, lat-full INT8 at 256, batch 1, one thread, 25 interleaved
     runs: 28.7 ms fused vs 23.7 ms not; the fp32 graphs do not get fused and are unchanged).
+    ``profile_prefix`` turns ORT's profiler on (its JSON goes to a file with that prefix).
     """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cpu_info()["cores"]
@@ -99,6 +100,8 @@ def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = 
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if profile_prefix:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     providers = ["CPUExecutionProvider"]
     if ep == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -138,7 +141,7 @@ def gemm_peak(precision: str, threads: int, m: int = 1536, k: int = 1536, n: int
     return 2 * m * k * n / (t / 1000) / 1e9
 
 
-def _torch_models(source: Path) -> dict[str, torch.nn.Module]:
+def torch_models(source: Path) -> dict[str, torch.nn.Module]:
     """The source checkpoint's length-adaptive model in fp32 and PyTorch dynamic INT8, loaded once."""
     from toolchain.train_lat import load_length_adaptive
 
@@ -147,7 +150,27 @@ def _torch_models(source: Path) -> dict[str, torch.nn.Module]:
                                                                                   dtype=torch.qint8)}
 
 
-def _torch_runner(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
+def torch_twin(model: torch.nn.Module, entry: dict) -> torch.nn.Module:
+    """``model`` (from ``torch_models``) at a bundle graph's length configuration and answer guard."""
+    from toolchain.lat import FixedLengthModel
+
+    return FixedLengthModel(model.guarded(entry.get("protect_answers", 0)), entry["length_config"]).eval()
+
+
+def check_threads(threads: int | None) -> int:
+    """The intra-op thread count to use (default: all cores); above the core count is a warning."""
+    cores = cpu_info()["cores"]
+    threads = threads or cores
+    if threads <= 0:
+        raise ToolchainError(f"threads must be positive, got {threads}")
+    if threads > cores:
+        import click
+
+        click.echo(f"warning: {threads} threads on {cores} cores will oversubscribe the CPU", err=True)
+    return threads
+
+
+def torch_runner(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> Callable[[], object]:
     tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
 
     def run():
@@ -205,7 +228,7 @@ def bert_base_reference(seq: int, batches: list[int], threads: int, inputs_for, 
     plan = []
     for batch in batches:
         inputs = inputs_for(batch)
-        for engine, (fn, after) in (("torch", (_torch_runner(model, inputs), None)),
+        for engine, (fn, after) in (("torch", (torch_runner(model, inputs), None)),
                                     ("ort", _ort_runner(sess, inputs, inputs_for(1)))):
             plan.append(({"graph": "bert-base", "engine": engine, "precision": "fp32", "batch": batch,
                           "macs": macs, "f1": None}, fn, after))
@@ -222,25 +245,19 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     measurement takes at least ``repeats`` runs (fewer at large batches) and ``min_seconds`` in total.
     ``spinning`` lets ORT's worker threads spin between parallel sections (ORT's own default; right for a
     dedicated machine, see ``ort_session``); it is recorded with the results and the manifest latencies.
-    ``keep_memory`` makes malloc keep freed memory (``keep_freed_memory``) from the first batch size over 1 on (batch
-    sizes are timed in increasing order), so PyTorch eager rows do not pay page faults for their large activations on
-    every run; after each slice the free memory goes back to the system (``release_freed_memory``), so peak memory
-    is the loaded models plus one measurement's activations, not a heap that grows with every measurement (a bundle
-    of 24 graphs at batch 32: 6.0 instead of 16.7 GB). Recorded as ``machine.malloc``. Batch 1 stays on the default
-    allocator: its activations are under glibc's mmap threshold and reused anyway.
+    ``keep_memory`` makes malloc keep freed memory (``keep_freed_memory``) before the first measurement, so PyTorch
+    eager rows do not pay page faults for their activations on every run; after each slice the free memory goes back
+    to the system (``release_freed_memory``), so peak memory is the loaded models plus one measurement's activations,
+    not a heap that grows with every measurement (a bundle of 24 graphs at batch 32: 6.0 instead of 16.7 GB).
+    Recorded as ``machine.malloc``. Batch 1 needs it too: glibc's default keeps batch-1 activations only once an
+    earlier large free has raised its thresholds (in a fresh process PyTorch lat-full at batch 1 faulted 12-21k pages
+    a run and took 105-125 ms, 79-86 ms kept; Zen 3).
     """
     if not batches or any(b <= 0 for b in batches):
         raise ToolchainError(f"batch sizes must be positive integers, got {batches}")
     if rounds <= 0:
         raise ToolchainError(f"rounds must be positive, got {rounds}")
-    cores = cpu_info()["cores"]
-    threads = threads or cores
-    if threads <= 0:
-        raise ToolchainError(f"threads must be positive, got {threads}")
-    if threads > cores:
-        import click
-
-        click.echo(f"warning: {threads} threads on {cores} cores will oversubscribe the CPU", err=True)
+    threads = check_threads(threads)
     torch.set_num_threads(threads)
     malloc = "system default"
     manifest = bundles.load_manifest(bundle_dir)
@@ -265,10 +282,8 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
             cache[key] = real_inputs(bundle_dir, meta, key[0], batch)
         return cache[key]
 
-    from toolchain.lat import FixedLengthModel
-
     peaks = {p: gemm_peak(p, threads) for p in ("fp32", "int8")}
-    torch_models = _torch_models(source) if torch_eager else {}
+    models = torch_models(source) if torch_eager else {}
     plan: Plan = []
     for entry in entries:
         sess = ort_session(bundles.graph_path(bundle_dir, entry), threads, spinning=spinning)
@@ -276,9 +291,9 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
         small = inputs_for(1, entry["max_seq_length"])
         variants = [("ort", entry["precision"], lambda inputs, s=sess, sm=small: _ort_runner(s, inputs, sm))]
         if entry["precision"] == "fp32":
-            for precision, model in torch_models.items():
-                fixed = FixedLengthModel(model.guarded(entry.get("protect_answers", 0)), entry["length_config"]).eval()
-                variants.append(("torch", precision, lambda inputs, m=fixed: (_torch_runner(m, inputs), None)))
+            for precision, model in models.items():
+                variants.append(("torch", precision,
+                                 lambda inputs, m=torch_twin(model, entry): (torch_runner(m, inputs), None)))
         for batch in batches:
             inputs = inputs_for(batch, entry["max_seq_length"])
             for engine, precision, make in variants:
@@ -292,9 +307,9 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     results, ref = [], []
     # fewer runs at large batches; within a batch size the plan keeps the bundle's graph order
     for batch in sorted(batches):
-        if keep_memory and batch > 1 and malloc == "system default":
+        if keep_memory and malloc == "system default":
             kept = keep_freed_memory()  # "system default" where malloc is not glibc's
-            malloc = kept if kept == "system default" else f"{kept}, handed back after each slice, from batch {batch} on"
+            malloc = kept if kept == "system default" else f"{kept}, handed back after each slice"
         part = [item for item in plan if item[0]["batch"] == batch]
         afters = [after for *_, after in part]
         if malloc != "system default":  # kept memory goes back after each slice; the warm-up before the next re-grows it

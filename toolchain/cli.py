@@ -495,7 +495,7 @@ def _check_writable(*paths: Path | None) -> None:
 @click.option("--spin/--no-spin", default=False, show_default=True,
               help="ORT worker threads spin between parallel sections (for a dedicated machine; recorded)")
 @click.option("--keep-freed-memory/--no-keep-freed-memory", default=True, show_default=True,
-              help="from the first batch size over 1 on, glibc's malloc keeps freed memory within each slice, as the "
+              help="glibc's malloc keeps freed memory within each slice, as the "
                    "caching allocators PyTorch's CPU tuning guide recommends do: PyTorch rows then stop faulting in "
                    "their activations on every run (recorded)")
 @click.option("--graphs", default=None, help="only these graph names, comma separated")
@@ -542,6 +542,33 @@ def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, keep_f
         if st["unstable"]:
             raise ToolchainError(f"{len(st['unstable'])} speedup ratios moved more than {100 * stability_tolerance:g}% "
                                  "between the two runs (see 'stability' in the JSON)")
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--graph", required=True, help="the graph's name in the bundle, e.g. lat-full")
+@click.option("--batch", type=POSITIVE, default=1, show_default=True)
+@click.option("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+@click.option("--repeats", type=POSITIVE, default=10, show_default=True, help="timed and profiled runs per engine")
+@click.option("--rounds", type=POSITIVE, default=4, show_default=True,
+              help="time the engines round-robin in this many slices (as in bench)")
+@click.option("--spin/--no-spin", default=False, show_default=True,
+              help="ORT worker threads spin between parallel sections (as in bench)")
+@click.option("--keep-freed-memory/--no-keep-freed-memory", default=True, show_default=True,
+              help="glibc's malloc keeps freed memory, so PyTorch does not fault its activations in on every run")
+@click.option("--no-torch", is_flag=True, help="profile the ORT graph alone")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG: time by category")
+def profile(bundle_dir, graph, batch, threads, repeats, rounds, spin, keep_freed_memory, no_torch, json_out, plot_out):
+    """Where one graph's time goes: ORT's per-op profile next to PyTorch eager's at the same configuration."""
+    from toolchain.profile import profile_graph, profile_table, write_report
+
+    _check_writable(json_out, plot_out)
+    report = profile_graph(bundle_dir, graph, batch, threads, repeats, torch_eager=not no_torch, spinning=spin,
+                           keep_memory=keep_freed_memory, rounds=rounds)
+    write_report(report, json_out, plot_out)
+    click.echo(f"{graph}, batch {batch}, seq {report['seq_length']}, {report['machine']['threads']} threads\n"
+               + profile_table(report))
 
 
 @main.command("quantize")
