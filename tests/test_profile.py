@@ -5,29 +5,17 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_tiny_model_dir
 from toolchain.cli import main
 from toolchain.errors import ToolchainError
-from toolchain.export import export
 from toolchain.profile import category, profile_graph, profile_table, write_report
 
-META = {"task": "squad", "max_seq_length": 64, "doc_stride": 16, "labels": None, "length_adaptive": True,
-        "keep_cls": False}
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    ckpt = make_tiny_model_dir(tmp_path_factory.mktemp("ckpt"))
-    (ckpt / "toolchain.json").write_text(json.dumps(META))
-    return export(ckpt, tmp_path_factory.mktemp("out") / "bundle", [None, (40, 20)], optimize="none")
-
-
-def test_profile_splits_both_engines_by_category(bundle, tmp_path):
-    report = profile_graph(bundle, "lat-40-20", batch=2, threads=1, repeats=3)
+def test_profile_splits_both_engines_by_category(plain, tmp_path):
+    report = profile_graph(plain, "lat-50-30", batch=2, threads=1, repeats=3)
     ort_row, torch_row = report["engines"]
     assert (ort_row["engine"], ort_row["precision"], torch_row["engine"], torch_row["precision"]) == (
         "ort", "fp32", "torch", "fp32")
-    assert report["length_config"] == [40, 20] and report["batch"] == 2 and report["seq_length"] == 64
+    assert report["length_config"] == [50, 30] and report["batch"] == 2 and report["seq_length"] == 64
     # the graph drops tokens: ORT ran its TopK, PyTorch its sort; both engines multiplied matrices
     assert ort_row["ops_ms"]["TopK"] > 0 and category("TopK") == "token selection"
     assert ort_row["ops_ms"]["MatMul"] > 0 and torch_row["ops_ms"]["aten::addmm"] > 0
@@ -46,8 +34,8 @@ def test_profile_splits_both_engines_by_category(bundle, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_profile_cli_ort_alone(bundle, tmp_path):
-    result = CliRunner().invoke(main, ["profile", "--bundle", str(bundle), "--graph", "lat-full", "--threads", "1",
+def test_profile_cli_ort_alone(plain, tmp_path):
+    result = CliRunner().invoke(main, ["profile", "--bundle", str(plain), "--graph", "lat-full", "--threads", "1",
                                        "--repeats", "2", "--no-torch", "--json", str(tmp_path / "p.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "p.json").read_text())
@@ -56,15 +44,24 @@ def test_profile_cli_ort_alone(bundle, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--graph", "nope"], "has no graph 'nope' (it has: lat-full, lat-40-20)"),
+    (["--graph", "nope"], "has no graph 'nope' (it has: lat-full, lat-50-30, lat-32-12)"),
     (["--graph", "lat-full", "--batch", "0"], "Invalid value for '--batch'"),
     (["--graph", "lat-full", "--json", "/nonexistent/dir/p.json"], "cannot write /nonexistent/dir/p.json"),
 ])
-def test_profile_bad_inputs(bundle, args, message):
-    result = CliRunner().invoke(main, ["profile", "--bundle", str(bundle), *args])
+def test_profile_bad_inputs(plain, args, message):
+    result = CliRunner().invoke(main, ["profile", "--bundle", str(plain), *args])
     assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_profile_missing_bundle(tmp_path):
     with pytest.raises(ToolchainError, match="bundle not found"):
         profile_graph(tmp_path / "missing", "lat-full")
+
+
+def test_profile_int8_graph_against_pytorch_dynamic_int8_and_not_cuda(measured):
+    """An INT8 CPU graph is compared with PyTorch's dynamic INT8 twin; a CUDA graph is not profiled on the CPU."""
+    report = profile_graph(measured, "lat-full-int8-cpu", threads=1, repeats=2, rounds=1)
+    assert [(r["engine"], r["precision"]) for r in report["engines"]] == [("ort", "int8"), ("torch", "int8-dynamic")]
+    assert report["engines"][1]["ops_ms"]["quantized::linear_dynamic"] > 0
+    with pytest.raises(ToolchainError, match="lat-full-int8-cuda is a lat graph for cuda"):
+        profile_graph(measured, "lat-full-int8-cuda")
