@@ -5,6 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from toolchain.bundle import update_manifest
 from toolchain.cli import main
 from toolchain.errors import ToolchainError
 from toolchain.profile import category, profile_graph, profile_table, write_report
@@ -59,8 +60,15 @@ def test_profile_missing_bundle(tmp_path):
 
 
 def test_profile_int8_graph_against_pytorch_dynamic_int8_and_not_cuda(measured):
-    """An INT8 CPU graph is compared with PyTorch's dynamic INT8 twin; a CUDA graph is not profiled on the CPU."""
-    report = profile_graph(measured, "lat-full-int8-cpu", threads=1, repeats=2, rounds=1)
+    """An INT8 CPU graph (here: the chosen graph's) is compared with PyTorch's dynamic INT8 twin; a CUDA graph is not
+    profiled on the CPU."""
+    with pytest.raises(ToolchainError, match="has no chosen graph"):
+        profile_graph(measured, "chosen")
+    with pytest.raises(ToolchainError, match="graph lat-32-12 has no INT8 CPU graph"):
+        profile_graph(measured, "lat-32-12", int8=True)
+    update_manifest(measured, lambda m: m.update(chosen="lat-full"))  # as export --pareto records a search's choice
+    report = profile_graph(measured, "chosen", threads=1, repeats=2, rounds=1, int8=True)
+    assert report["graph"] == "lat-full-int8-cpu"
     assert [(r["engine"], r["precision"]) for r in report["engines"]] == [("ort", "int8"), ("torch", "int8-dynamic")]
     assert report["engines"][1]["ops_ms"]["quantized::linear_dynamic"] > 0
     with pytest.raises(ToolchainError, match="lat-full-int8-cuda is a lat graph for cuda"):

@@ -154,6 +154,14 @@ def _check_file(bundle_dir: Path, rel: str, sha256: str | None, what: str) -> No
         raise ToolchainError(f"checksum mismatch for {rel} in {bundle_dir}: the file changed after export")
 
 
+def chosen_graph(manifest: Mapping, bundle_dir: str | Path) -> str:
+    """The name of the graph the search chose (the manifest's ``chosen``, set by export --pareto)."""
+    if not manifest.get("chosen"):
+        raise ToolchainError(f"bundle {bundle_dir} has no chosen graph (export it with --pareto from a search "
+                             "that chose one)")
+    return manifest["chosen"]
+
+
 def graph_path(bundle_dir: str | Path, entry: Mapping) -> Path:
     """Absolute path of a manifest entry's graph file."""
     return _inside(Path(bundle_dir), entry["file"])

@@ -546,7 +546,8 @@ def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, keep_f
 
 @main.command()
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True)
-@click.option("--graph", required=True, help="the graph's name in the bundle, e.g. lat-full")
+@click.option("--graph", required=True, help="the graph's name in the bundle, e.g. lat-full, or chosen (the search's choice)")
+@click.option("--int8", is_flag=True, help="the INT8 CPU graph quantized from --graph")
 @click.option("--batch", type=POSITIVE, default=1, show_default=True)
 @click.option("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
 @click.option("--repeats", type=POSITIVE, default=10, show_default=True, help="timed and profiled runs per engine")
@@ -559,15 +560,16 @@ def bench(bundle_dir, batch, threads, repeats, min_seconds, rounds, spin, keep_f
 @click.option("--no-torch", is_flag=True, help="profile the ORT graph alone")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="PNG: time by category")
-def profile(bundle_dir, graph, batch, threads, repeats, rounds, spin, keep_freed_memory, no_torch, json_out, plot_out):
+def profile(bundle_dir, graph, int8, batch, threads, repeats, rounds, spin, keep_freed_memory, no_torch, json_out,
+            plot_out):
     """Where one graph's time goes: ORT's per-op profile next to PyTorch eager's at the same configuration."""
     from toolchain.profile import profile_graph, profile_table, write_report
 
     _check_writable(json_out, plot_out)
     report = profile_graph(bundle_dir, graph, batch, threads, repeats, torch_eager=not no_torch, spinning=spin,
-                           keep_memory=keep_freed_memory, rounds=rounds)
+                           keep_memory=keep_freed_memory, rounds=rounds, int8=int8)
     write_report(report, json_out, plot_out)
-    click.echo(f"{graph}, batch {batch}, seq {report['seq_length']}, {report['machine']['threads']} threads\n"
+    click.echo(f"{report['graph']}, batch {batch}, seq {report['seq_length']}, {report['machine']['threads']} threads\n"
                + profile_table(report))
 
 

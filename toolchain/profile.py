@@ -107,20 +107,30 @@ def _engine_row(engine: str, precision: str, wall_ms: float, profiled: tuple[flo
 
 def profile_graph(bundle_dir: Path, graph: str, batch: int = 1, threads: int | None = None, repeats: int = 10,
                   warmup: int = 2, torch_eager: bool = True, spinning: bool = False, keep_memory: bool = False,
-                  rounds: int = 4) -> dict:
+                  rounds: int = 4, int8: bool = False) -> dict:
     """Per-op time of one length-adaptive CPU graph in ORT and of its PyTorch twin, at ``batch`` rows of real dev
-    inputs at the graph's sequence length. The engines' wall medians are timed round-robin in ``rounds`` slices of
-    ``repeats`` runs in all (``time_interleaved``), the profiles after. ``keep_memory``: malloc keeps freed memory (``keep_freed_memory``), so
-    PyTorch does not fault its activations in afresh on every run (in a fresh process even at batch 1: lat-full
-    12-21k faults and 105-125 ms a run against 80-120 faults and 79-86 ms kept, Zen 3)."""
+    inputs at the graph's sequence length. ``graph`` may be ``chosen`` (the search's choice); ``int8`` takes the
+    INT8 CPU graph quantized from it. The engines' wall medians are timed round-robin in ``rounds`` slices of
+    ``repeats`` runs in all (``time_interleaved``), the profiles after. ``keep_memory``: malloc keeps freed memory
+    (``keep_freed_memory``), so PyTorch does not fault its activations in afresh on every run (in a fresh process
+    even at batch 1: lat-full 12-21k faults and 105-125 ms a run against 80-120 faults and 79-86 ms kept, Zen 3)."""
     if min(batch, repeats, rounds) <= 0:
         raise ToolchainError(f"batch, repeats and rounds must be positive, got {batch}, {repeats} and {rounds}")
     threads = check_threads(threads)
     manifest = bundles.load_manifest(bundle_dir)
+    if graph == "chosen":
+        graph = bundles.chosen_graph(manifest, bundle_dir)
     entry = next((g for g in manifest["graphs"] if g["name"] == graph), None)
     if entry is None:
         names = ", ".join(g["name"] for g in manifest["graphs"])
         raise ToolchainError(f"bundle {bundle_dir} has no graph {graph!r} (it has: {names})")
+    if int8:
+        entry = next((g for g in manifest["graphs"] if g.get("parent") == graph and g["precision"] == "int8"
+                      and g["ep"] == "cpu"), None)
+        if entry is None:
+            raise ToolchainError(f"graph {graph} has no INT8 CPU graph in bundle {bundle_dir} (toolchain quantize "
+                                 "makes one)")
+        graph = entry["name"]
     if entry["kind"] != "lat" or entry["ep"] != "cpu":
         raise ToolchainError(f"graph {graph} is a {entry['kind']} graph for {entry['ep']}: profile takes the "
                              "length-adaptive CPU graphs")

@@ -68,7 +68,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from toolchain.bench import ort_session
-from toolchain.bundle import add_graph, graph_path, load_manifest, prune_weights, update_manifest
+from toolchain.bundle import add_graph, chosen_graph, graph_path, load_manifest, prune_weights, update_manifest
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import Runner, evaluate_classify, evaluate_squad, session_runner
@@ -237,10 +237,7 @@ def _select(manifest: dict, bundle_dir: Path, graphs: list[str] | None, ep: str)
     """
     fp32 = {g["name"]: g for g in manifest["graphs"] if g["precision"] == "fp32" and g["kind"] in QUANTIZABLE}
     if graphs and "chosen" in graphs:
-        if not manifest.get("chosen"):
-            raise ToolchainError(f"bundle {bundle_dir} has no chosen graph (export it with --pareto from a search "
-                                 "that chose one)")
-        graphs = [manifest["chosen"] if g == "chosen" else g for g in graphs]
+        graphs = [chosen_graph(manifest, bundle_dir) if g == "chosen" else g for g in graphs]
     unknown = [name for name in graphs or [] if name not in fp32]
     if unknown:
         raise ToolchainError(f"no fp32 graph named {', '.join(map(repr, unknown))} in bundle {bundle_dir}; "

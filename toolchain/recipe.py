@@ -23,7 +23,7 @@ import yaml
 
 from toolchain.errors import ToolchainError
 
-WORKDIR_KEYS = {"out", "model", "bundle", "pareto", "json", "markdown", "plots"}
+WORKDIR_KEYS = {"out", "model", "bundle", "pareto", "json", "markdown", "plots", "plot"}
 
 
 def load_recipe(path: Path) -> dict:
