@@ -176,6 +176,7 @@ def test_bench_compare_rejects_a_file_that_is_not_a_report(bundle, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--batch", "0"], "must be positive integers"),
     (["--batch", "one"], "comma-separated integers"),
+    (["--threads", "-1"], "threads must be positive, got -1"),
     (["--json", "/nonexistent/dir/out.json"], "cannot write /nonexistent/dir/out.json"),
 ])
 def test_bench_bad_inputs(bundle, args, message):

@@ -47,6 +47,7 @@ def test_profile_cli_ort_alone(plain, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--graph", "nope"], "has no graph 'nope' (it has: lat-full, lat-50-30, lat-32-12)"),
     (["--graph", "lat-full", "--batch", "0"], "Invalid value for '--batch'"),
+    (["--graph", "lat-full", "--threads", "0"], "threads must be positive, got 0"),
     (["--graph", "lat-full", "--json", "/nonexistent/dir/p.json"], "cannot write /nonexistent/dir/p.json"),
 ])
 def test_profile_bad_inputs(plain, args, message):

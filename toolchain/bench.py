@@ -160,7 +160,7 @@ def torch_twin(model: torch.nn.Module, entry: dict) -> torch.nn.Module:
 def check_threads(threads: int | None) -> int:
     """The intra-op thread count to use (default: all cores); above the core count is a warning."""
     cores = cpu_info()["cores"]
-    threads = threads or cores
+    threads = cores if threads is None else threads
     if threads <= 0:
         raise ToolchainError(f"threads must be positive, got {threads}")
     if threads > cores:
