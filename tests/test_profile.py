@@ -30,6 +30,9 @@ def test_profile_splits_both_engines_by_category(plain, tmp_path):
     assert report["ort_vs_torch_bound"] >= report["ort_vs_torch"]
     table = profile_table(report)
     assert table.startswith("| ms per run | ort fp32 | torch fp32 |") and "| gemm |" in table and "at most" in table
+    top_ort = next(iter(ort_row["ops_ms"]))  # the ops are sorted, most expensive first
+    assert ort_row["ops_ms"][top_ort] == max(ort_row["ops_ms"].values())
+    assert f"ort fp32, most expensive ops (ms per run): {top_ort} {ort_row['ops_ms'][top_ort]:.2f}" in table
     write_report(report, tmp_path / "p.json", tmp_path / "p.png")
     assert json.loads((tmp_path / "p.json").read_text())["engines"][0]["ops_ms"] == ort_row["ops_ms"]
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

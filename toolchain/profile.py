@@ -170,8 +170,9 @@ def profile_graph(bundle_dir: Path, graph: str, batch: int = 1, threads: int | N
     return report
 
 
-def profile_table(report: dict) -> str:
-    """Markdown: ms per run of each category, one column per engine, then the GEMM share, rate and the bound."""
+def profile_table(report: dict, top: int = 6) -> str:
+    """Markdown: ms per run of each category, one column per engine, then the GEMM share, rate and the bound, and
+    each engine's ``top`` most expensive ops."""
     rows = report["engines"]
     names = sorted({c for r in rows for c in r["categories_ms"]},
                    key=lambda c: -max(r["categories_ms"].get(c, 0.0) for r in rows))
@@ -188,7 +189,10 @@ def profile_table(report: dict) -> str:
         text += (f"\nORT is {report['ort_vs_torch']:.2f}x PyTorch eager; with the same GEMMs, at most "
                  f"{report['ort_vs_torch_bound']:.2f}x (everything but ORT's GEMMs at zero cost: the ratio over ORT's "
                  "GEMM share).\n")
-    return text
+    for r in rows:
+        ops = ", ".join(f"{op} {ms:.2f}" for op, ms in list(r["ops_ms"].items())[:top])
+        text += f"\n{r['engine']} {r['precision']}, most expensive ops (ms per run): {ops}"
+    return text + "\n"
 
 
 def plot_profile(report: dict, path: Path) -> Path:
