@@ -16,7 +16,7 @@ from toolchain.bundle import latency_key, load_manifest, update_manifest
 from toolchain.cli import main
 from toolchain.errors import ToolchainError
 from toolchain.export import export
-from toolchain.recipe import load_recipe, step_args
+from toolchain.recipe import load_recipe, option_kinds, step_args
 
 META = {"task": "squad", "max_seq_length": 64, "doc_stride": 16, "labels": None, "length_adaptive": True,
         "keep_cls": False}
@@ -227,9 +227,13 @@ def test_recipe_unknown_command(tmp_path):
 
 def test_step_args_paths_flags_and_lists(tmp_path):
     args = step_args({"model": "ft", "out": "/abs/o", "resume": True, "force": False, "graphs": ["a", "b"], "plots": "p",
-                      "train-data": "{workdir}/t.json"}, tmp_path)
+                      "train-data": "{workdir}/t.json", "compare": "bench.json", "plot": "p.png"}, tmp_path)
     assert args == ["--model", str(tmp_path / "ft"), "--out", "/abs/o", "--resume", "--graphs", "a,b", "--plots", str(tmp_path / "p"),
-                    "--train-data", f"{tmp_path}/t.json"]
+                    "--train-data", f"{tmp_path}/t.json", "--compare", str(tmp_path / "bench.json"),
+                    "--plot", str(tmp_path / "p.png")]
+    # a repeatable option gets one flag per item, so items may hold commas (length configurations)
+    assert step_args({"length-cfg": ["full", "40,20"], "graphs": ["a", "b"]}, tmp_path, repeatable=frozenset({"length-cfg"})) == [
+        "--length-cfg", "full", "--length-cfg", "40,20", "--graphs", "a,b"]
     # false turns an on/off switch off, and is dropped for a plain flag
     assert step_args({"group-by-length": False, "force": False}, tmp_path, frozenset({"group-by-length"})) == [
         "--no-group-by-length"]
@@ -247,5 +251,5 @@ def test_shipped_recipes_parse_against_their_commands(recipe, tmp_path):
         assert command is not None, name
         opts = {o for p in command.params for o in p.opts}
         assert [k for k in options if f"--{k}" not in opts] == [], name
-        ctx = command.make_context(name, step_args(options, tmp_path))  # values parse (types, choices, ranges)
+        ctx = command.make_context(name, step_args(options, tmp_path, *option_kinds(command)))  # values parse
         assert ctx.params

@@ -10,7 +10,9 @@ rows).
 The point is the bound it prints: both engines do the same matrix multiplications, so ORT's lead over PyTorch can be
 at most the measured ratio over ORT's GEMM share (PyTorch's time over ORT's GEMM time), reached only if everything
 else in ORT took no time. Where the GEMMs run near this machine's peak in both engines, that bound, not the graph,
-limits the ratio.
+limits the ratio. Shares are of profiled runs, which are slower (ORT's INT8 graph at 337,255,... batch 1 on a Zen 3:
+33-41 ms profiled against 25-31 ms not); the profiler's cost per node weighs most on the many small ops, so the GEMM
+share it shows is if anything low and the bound high.
 """
 
 from __future__ import annotations

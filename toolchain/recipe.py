@@ -23,7 +23,7 @@ import yaml
 
 from toolchain.errors import ToolchainError
 
-WORKDIR_KEYS = {"out", "model", "bundle", "pareto", "json", "markdown", "plots", "plot"}
+WORKDIR_KEYS = {"out", "model", "bundle", "pareto", "json", "markdown", "plots", "plot", "compare"}
 
 
 def load_recipe(path: Path) -> dict:
@@ -39,9 +39,11 @@ def load_recipe(path: Path) -> dict:
     return recipe
 
 
-def step_args(options: dict, workdir: Path, negatable: frozenset[str] = frozenset()) -> list[str]:
+def step_args(options: dict, workdir: Path, negatable: frozenset[str] = frozenset(),
+              repeatable: frozenset[str] = frozenset()) -> list[str]:
     """Click arguments for one step's options (True -> flag, False -> `--no-KEY` for the ``negatable`` on/off
-    switches and omitted otherwise, lists -> comma-joined)."""
+    switches and omitted otherwise, lists -> the option once per item for the ``repeatable`` options, whose items
+    may hold commas themselves (length configurations), comma-joined for the others)."""
     args = []
     for key, value in options.items():
         if isinstance(value, str):
@@ -55,9 +57,20 @@ def step_args(options: dict, workdir: Path, negatable: frozenset[str] = frozense
                 args.append(f"--no-{key}")
         elif value is None:
             continue
+        elif isinstance(value, list) and key in repeatable:
+            args += [a for item in value for a in (f"--{key}", str(item))]
         else:
             args += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     return args
+
+
+def option_kinds(command: click.Command) -> tuple[frozenset[str], frozenset[str]]:
+    """A command's on/off switches (``--KEY/--no-KEY``) and repeatable options, by recipe key."""
+    negatable = frozenset(o[len("--no-"):] for p in command.params for o in getattr(p, "secondary_opts", [])
+                          if o.startswith("--no-"))
+    repeatable = frozenset(o[len("--"):] for p in command.params if getattr(p, "multiple", False)
+                           for o in p.opts if o.startswith("--"))
+    return negatable, repeatable
 
 
 def run_recipe(path: Path, main: click.Group, only: tuple[str, ...] = ()) -> None:
@@ -70,9 +83,7 @@ def run_recipe(path: Path, main: click.Group, only: tuple[str, ...] = ()) -> Non
         command = main.get_command(click.Context(main), name)
         if command is None:
             raise ToolchainError(f"{path}: step {i} names unknown command {name!r}")
-        negatable = frozenset(o[len("--no-"):] for p in command.params for o in getattr(p, "secondary_opts", [])
-                              if o.startswith("--no-"))
-        args = step_args(options, workdir, negatable)
+        args = step_args(options, workdir, *option_kinds(command))
         out = options.get("out", options.get("json"))  # a step's output: its folder, or its JSON report
         label = f"[{i}/{len(steps)}] {name}"
         if only and name not in only:
