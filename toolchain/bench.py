@@ -259,7 +259,6 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
         raise ToolchainError(f"rounds must be positive, got {rounds}")
     threads = check_threads(threads)
     torch.set_num_threads(threads)
-    malloc = "system default"
     manifest = bundles.load_manifest(bundle_dir)
     entries = [g for g in manifest["graphs"] if g["kind"] == "lat" and g["ep"] == "cpu"
                and (graphs is None or g["name"] in graphs)]
@@ -304,12 +303,12 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
                              *make(inputs)))
     if reference:
         plan += bert_base_reference(max(seqs), batches, threads, inputs_for, spinning)
+    malloc = keep_freed_memory() if keep_memory else "system default"  # "system default" where malloc is not glibc's
+    if malloc != "system default":
+        malloc += ", handed back after each slice"
     results, ref = [], []
     # fewer runs at large batches; within a batch size the plan keeps the bundle's graph order
     for batch in sorted(batches):
-        if keep_memory and malloc == "system default":
-            kept = keep_freed_memory()  # "system default" where malloc is not glibc's
-            malloc = kept if kept == "system default" else f"{kept}, handed back after each slice"
         part = [item for item in plan if item[0]["batch"] == batch]
         afters = [after for *_, after in part]
         if malloc != "system default":  # kept memory goes back after each slice; the warm-up before the next re-grows it
