@@ -11,12 +11,13 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_tiny_model_dir
-from toolchain.bench import bench_bundle, compare_reports, speedup_table, time_fn, time_interleaved, write_outputs
+from toolchain.bench import bench_bundle, compare_reports, speedup_table, write_outputs
 from toolchain.bundle import latency_key, load_manifest, update_manifest
 from toolchain.cli import main
 from toolchain.errors import ToolchainError
 from toolchain.export import export
 from toolchain.recipe import load_recipe, option_kinds, step_args
+from toolchain.timing import time_fn, time_interleaved
 
 META = {"task": "squad", "max_seq_length": 64, "doc_stride": 16, "labels": None, "length_adaptive": True,
         "keep_cls": False}

@@ -13,11 +13,11 @@ from conftest import make_tiny_model_dir
 from toolchain.data import SST2_DEV_SLICE, SST2_TRAIN_SLICE
 from toolchain.data.prepare import Columns, classify_split
 from toolchain.errors import ToolchainError
+from toolchain.exit_batching import bucketed_predict, full_depth_predict, ort_depth_runner, ort_exit_predictor
 from toolchain.exit_predictor import ExitTable, exit_accuracy, export_predictor_onnx
 from toolchain.geep import (GeepModel, depth_accuracy, exit_layers, load_geep, normalized_entropy, shared_exit_loss,
                             train_geep)
-from toolchain.geep_runtime import (LayerStepper, OrtLayerStepper, _folds, bucketed_predict, export_depth_graphs,
-                                    fastbert_predict, full_depth_predict, ort_depth_runner, ort_exit_predictor,
+from toolchain.geep_runtime import (LayerStepper, OrtLayerStepper, _folds, export_depth_graphs, fastbert_predict,
                                     profile_exits, sweep_geep, torch_depth_runner)
 from toolchain.training import TrainConfig, train
 

@@ -21,10 +21,11 @@ from toolchain.data import SST2_DEV_SLICE, SST2_TRAIN_SLICE
 from toolchain.data.classify import load_classification
 from toolchain.data.prepare import Columns
 from toolchain.errors import ToolchainError
+from toolchain.exit_batching import INPUT_NAMES, ort_exit_predictor
 from toolchain.exit_predictor import exit_accuracy
 from toolchain.geep import depth_accuracy, load_geep, train_geep
 from toolchain.geep_export import export_geep_bundle
-from toolchain.geep_runtime import INPUT_NAMES, ort_exit_predictor, profile_exits
+from toolchain.geep_runtime import profile_exits
 from toolchain.macs import count_macs
 from toolchain.runtime import Bundle, GeepPredictor, Hardware
 from toolchain.training import TrainConfig

@@ -11,103 +11,21 @@ by this machine's measured GEMM peak for its precision.
 from __future__ import annotations
 
 import json
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from tqdm.auto import tqdm
 
 from toolchain import bundle as bundles
 from toolchain.errors import ToolchainError
 from toolchain.files import write_json, write_text
 from toolchain.hardware import cpu_info, keep_freed_memory, machine_summary, release_freed_memory
 from toolchain.search import pareto_front
-
-
-def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: int = 2, repeats: int = 10,
-                     min_seconds: float = 0.0, desc: str | None = None,
-                     after_slice: list[Callable[[], object] | None] | None = None) -> list[dict]:
-    """Median and p90 wall time in ms of each function, timed round-robin in ``rounds`` slices.
-
-    Each slice takes at least ``ceil(repeats / rounds)`` runs and ``min_seconds / rounds`` seconds. Interleaving
-    spreads every measurement over the whole session, so a machine that drifts (turbo, a neighbour's load)
-    shifts all of them alike and ratios between them stay put. ``after_slice[i]``, when given, runs untimed
-    after each slice of ``fns[i]`` (to hand back memory). Warm-up: ``warmup`` untimed runs before the first
-    slice (a run over a second is its own warm-up), then one before each later slice when runs are short
-    (< 100 ms, to refill the caches the other functions evicted) or an ``after_slice`` ran (to re-grow what
-    it released). ``desc`` shows a progress bar. ``slice_medians_ms``: each slice's median, in order;
-    ``slice_spread``: how far apart they lie (slowest / fastest - 1), the noise a run-to-run comparison of the
-    median has to live with.
-    """
-    times: list[list[float]] = [[] for _ in fns]
-    slices: list[list[float]] = [[] for _ in fns]  # each slice's median
-    per_round = -(-repeats // rounds)
-    bar = tqdm(total=rounds * len(fns), desc=desc, unit="slice", dynamic_ncols=True, disable=desc is None)
-    after_slice = after_slice or [None] * len(fns)
-    for r in range(rounds):
-        for fn, ts, medians, after in zip(fns, times, slices, after_slice):
-            for _ in range(warmup if r == 0 else int(after is not None or statistics.median(ts) < 100)):
-                t0 = time.perf_counter()
-                fn()
-                if time.perf_counter() - t0 > 1.0:
-                    break
-            start, done = time.perf_counter(), 0
-            while done < per_round or time.perf_counter() - start < min_seconds / rounds:
-                t0 = time.perf_counter()
-                fn()
-                ts.append(1000 * (time.perf_counter() - t0))
-                done += 1
-            medians.append(statistics.median(ts[-done:]))
-            if after is not None:
-                after()
-            bar.update()
-    bar.close()
-    out = []
-    for ts, medians in zip(times, slices):
-        ts.sort()
-        out.append({"latency_ms_median": statistics.median(ts),
-                    "latency_ms_p90": ts[min(len(ts) - 1, int(round(0.9 * (len(ts) - 1))))], "runs": len(ts),
-                    "slice_medians_ms": medians, "slice_spread": max(medians) / max(min(medians), 1e-9) - 1})
-    return out
-
-
-def time_fn(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, min_seconds: float = 0.0) -> dict:
-    """Median and p90 wall time in ms of `fn` over `repeats` runs (more while under `min_seconds`)."""
-    return time_interleaved([fn], 1, warmup, repeats, min_seconds)[0]
-
-
-def ort_session(path: Path | str | bytes, threads: int | None = None, ep: str = "cpu",
-                spinning: bool = False, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """An ORT session with fixed intra-op threads (default: all cores), sequential execution.
-
-    Spinning worker threads are off by default: on a machine shared with other work they cost far more
-    than they save (measured here: MiniLM fp32 at 384, 135-176 ms spinning vs 52 ms not). On an otherwise
-    idle machine they win at batch 1 (lat-full 26.3 vs 27.7 ms, the smallest length configuration 10.3 vs
-    11.8 ms, interleaved in one run), where short parallel sections otherwise wait for sleeping threads. On the CPU EP the
-    SkipLayerNormalization fusion is off: in the INT8 graphs it replaces Add + LayerNormalization by a
-    kernel that is slower on this CPU (ORT 1.31, lat-full INT8 at 256, batch 1, one thread, 25 interleaved
-    runs: 28.7 ms fused vs 23.7 ms not; the fp32 graphs do not get fused and are unchanged).
-    ``profile_prefix`` turns ORT's profiler on (its JSON goes to a file with that prefix).
-    """
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or cpu_info()["cores"]
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    if profile_prefix:
-        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
-    providers = ["CPUExecutionProvider"]
-    if ep == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    disabled = ["SkipLayerNormFusion"] if providers[0] == "CPUExecutionProvider" else []
-    return ort.InferenceSession(str(path) if isinstance(path, Path) else path, opts, providers=providers,
-                                disabled_optimizers=disabled)
+from toolchain.sessions import ort_session
+from toolchain.timing import time_fn, time_interleaved
 
 
 def real_inputs(bundle_dir: Path, meta: dict, seq: int, batch: int) -> dict[str, np.ndarray]:

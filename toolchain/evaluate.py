@@ -10,14 +10,17 @@ takes any length up to the one it was built for, and a SQuAD window at 384 holds
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from toolchain.data.metric import squad_scores
 from toolchain.data.squad import SquadExample, SquadFeatures, gold_answers, postprocess
 from toolchain.errors import ToolchainError
+
+if TYPE_CHECKING:
+    import torch
 
 Runner = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, ...]]
 PER_TOKEN = ("start_logits", "end_logits")  # QA outputs, one value per token
@@ -42,6 +45,8 @@ def take(items: list, n: int | None, seed: int = 0, skip: int = 0) -> list:
 
 def torch_runner(model: torch.nn.Module, device: torch.device | str = "cpu", **forward_kwargs) -> Runner:
     """Run an HF model (or a wrapper with the same output names) under inference mode."""
+    import torch  # here, not above: serving evaluates ORT sessions only, without PyTorch
+
     device = torch.device(device)
     model.eval()
 

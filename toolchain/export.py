@@ -88,7 +88,7 @@ def ort_runner(model: LengthAdaptiveModel, length_config: LengthConfig, sample: 
     eager on CPU, and tracing one costs about a second. `sample` holds model inputs (two rows suffice): token ids,
     or with `start_layer` the hidden states entering that layer and the attention mask.
     """
-    from toolchain.bench import ort_session
+    from toolchain.sessions import ort_session
 
     outputs = ("start_logits", "end_logits") if model.task == "qa" else ("logits",)
     with tempfile.TemporaryDirectory(prefix="toolchain-score-") as tmp:

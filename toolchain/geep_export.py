@@ -18,11 +18,11 @@ from transformers import PretrainedConfig
 
 from toolchain.bundle import write_bundle
 from toolchain.errors import ToolchainError
+from toolchain.exit_batching import INPUT_NAMES, bucketed_predict, ort_depth_runner, ort_exit_predictor
 from toolchain.exit_predictor import exit_accuracy, export_predictor_onnx
 from toolchain.export import OPSET, check_parity, parity_cases
 from toolchain.geep import TruncatedGeep, accuracy_by_depth, check_speed
-from toolchain.geep_runtime import (INPUT_NAMES, bucketed_predict, check_aggregation, check_tuning, export_depth_graphs,
-                                    ort_depth_runner, ort_exit_predictor, ort_session, profile_exits)
+from toolchain.geep_runtime import check_aggregation, check_tuning, export_depth_graphs, ort_session, profile_exits
 from toolchain.macs import count_macs
 
 PREDICTOR = "geep-predictor"

@@ -1,9 +1,7 @@
-"""GEEP inference: predict each request's exit first, bucket requests by exit, run each bucket truncated.
+"""GEEP inference measured: exit-sorted batching (`exit_batching`) against its baselines, on PyTorch or ONNX Runtime.
 
-A *depth runner* `run_at_depth(depth, inputs) -> logits [B, C]` hides the backend: a PyTorch `GeepModel`
-(`torch_depth_runner`) or one ONNX Runtime session per depth (`ort_depth_runner`, graphs from
-`export_depth_graphs`). An *exit predictor* maps inputs to 1-based depths [N] (`ExitTable.predict` or the
-predictor's ONNX graph, `ort_exit_predictor`). Baselines: the full-depth model, and FastBERT's layer-by-layer
+Depth runners for a PyTorch `GeepModel` (`torch_depth_runner`) or for the graphs of `export_depth_graphs` (one ONNX
+Runtime session per depth, `exit_batching.ort_depth_runner`). Baselines: the full-depth model, and FastBERT's layer-by-layer
 dynamic exit with a shrinking batch. `bench_geep` scores and times all three on a dev set. `profile_exits` (an
 `ExitProfile`: checkpoint, splits, students' and shared classifier's logits) is where both `sweep_geep` and
 `export-geep` fit exit tables.
@@ -14,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,71 +19,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from toolchain.bench import ort_session as _ort_session
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError
-from toolchain.evaluate import run_batches, trim_padding
+from toolchain.evaluate import trim_padding
+from toolchain.exit_batching import (INPUT_NAMES, DepthRunner, ExitPredictor, Inputs, bucketed_predict, check_batch_size,
+                                     full_depth_predict, model_inputs, ort_depth_runner, ort_exit_predictor)
 from toolchain.files import write_json
 from toolchain.exit_predictor import ExitTable, exit_accuracy, export_predictor_onnx, parse_aggregation
 from toolchain.geep import GeepModel, TruncatedGeep, check_speed, depth_logits, exit_layers, load_geep, normalized_entropy
+from toolchain.sessions import ort_session as _ort_session
 from toolchain.training import resolve_device, to_device
 
-Inputs = dict[str, np.ndarray]
-DepthRunner = Callable[[int, Inputs], np.ndarray]
-ExitPredictor = Callable[[Inputs], np.ndarray]
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 TUNE_FOR = ("accuracy", "exits")  # what an 'auto' exit aggregation is tuned for
 T = TypeVar("T")
-
-
-def _model_inputs(inputs: Inputs) -> Inputs:
-    """The model inputs (int64) of a batch, without labels; there must be at least one request."""
-    out = {k: np.asarray(inputs[k], dtype=np.int64) for k in INPUT_NAMES if k in inputs}
-    if "input_ids" not in out or "attention_mask" not in out:
-        raise ToolchainError("requests need input_ids and attention_mask")
-    if not len(out["input_ids"]):
-        raise ToolchainError("no requests to run")
-    return out
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size <= 0:
-        raise ToolchainError(f"batch size must be a positive integer, got {batch_size}")
-
-
-def bucketed_predict(inputs: Inputs, predict_exit: ExitPredictor, run_at_depth: DepthRunner,
-                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """GEEP batch inference: (logits [N, C], predicted depths [N]), both in request order.
-
-    Requests are grouped by predicted exit; each group runs in chunks of `batch_size` through the
-    model truncated at that depth, so a batch never waits on its deepest member (within a group, requests of
-    similar length share a batch, cut to its longest: `run_batches`).
-    """
-    _check_batch_size(batch_size)
-    inputs = _model_inputs(inputs)
-    n = len(inputs["input_ids"])
-    depths = np.asarray(predict_exit(inputs), dtype=np.int64)
-    if depths.shape != (n,):
-        raise ToolchainError(f"the exit predictor returned shape {depths.shape} for {n} requests")
-    logits = None
-    for depth in np.unique(depths):
-        bucket = np.flatnonzero(depths == depth)
-        (out,) = _batched(partial(run_at_depth, int(depth)), {k: v[bucket] for k, v in inputs.items()}, batch_size)
-        if logits is None:
-            logits = np.empty((n, out.shape[-1]), dtype=out.dtype)
-        logits[bucket] = out
-    return logits, depths
-
-
-def _batched(run_at: Callable[[Inputs], np.ndarray], inputs: Inputs, batch_size: int) -> tuple[np.ndarray]:
-    return run_batches(lambda feed: (np.asarray(run_at(feed)),), lambda idx: {k: v[idx] for k, v in inputs.items()},
-                       len(inputs["input_ids"]), batch_size, progress=False)
-
-
-def full_depth_predict(inputs: Inputs, run_at_depth: DepthRunner, num_layers: int, batch_size: int) -> np.ndarray:
-    """Baseline: every request through all `num_layers` layers; logits [N, C]."""
-    _check_batch_size(batch_size)
-    return _batched(partial(run_at_depth, num_layers), _model_inputs(inputs), batch_size)[0]
 
 
 class LayerStepper:
@@ -176,8 +121,8 @@ def fastbert_predict(stepper: LayerStepper, inputs: Inputs, speed: float, batch_
     Batches are formed from requests of similar length, as in `bucketed_predict`.
     """
     check_speed(speed)
-    _check_batch_size(batch_size)
-    inputs = _model_inputs(inputs)
+    check_batch_size(batch_size)
+    inputs = model_inputs(inputs)
     n, last = len(inputs["input_ids"]), stepper.num_layers - 1
     logits = np.zeros((n, stepper.num_labels), dtype=np.float32)
     depths = np.zeros(n, dtype=np.int64)
@@ -207,24 +152,6 @@ def torch_depth_runner(model: GeepModel, device: torch.device | str = "cpu") -> 
             return model(**to_device(inputs, device), depth=depth).float().cpu().numpy()
 
     return run
-
-
-def ort_depth_runner(sessions: dict[int, object]) -> DepthRunner:
-    """Run the ONNX Runtime session of the asked depth (sessions: depth -> InferenceSession)."""
-
-    def run(depth: int, inputs: Inputs) -> np.ndarray:
-        if depth not in sessions:
-            raise ToolchainError(f"no ONNX graph for depth {depth}; have depths {sorted(sessions)}")
-        session = sessions[depth]
-        return session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})[0]
-
-    return run
-
-
-def ort_exit_predictor(session) -> ExitPredictor:
-    """Exit predictions from the predictor graph of `export_predictor_onnx`."""
-    return lambda inputs: session.run(None, {"input_ids": inputs["input_ids"],
-                                             "attention_mask": inputs["attention_mask"]})[0]
 
 
 def export_depth_graphs(model: GeepModel, out_dir: str | Path, depths: list[int] | None = None) -> dict[int, Path]:
@@ -438,7 +365,7 @@ def sweep_geep(*, checkpoint_dir: Path, train_path: Path, eval_path: Path, speed
     for speed in speeds:
         check_speed(speed)
     for b in batches:
-        _check_batch_size(b)
+        check_batch_size(b)
     if backend not in ("torch", "ort"):
         raise ToolchainError(f"unknown backend {backend!r}; choose torch or ort")
     check_aggregation(aggregation)

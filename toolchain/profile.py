@@ -28,11 +28,12 @@ import numpy as np
 import torch
 
 from toolchain import bundle as bundles
-from toolchain.bench import (check_threads, ort_session, real_inputs, time_interleaved, torch_models, torch_runner,
-                             torch_twin)
+from toolchain.bench import check_threads, real_inputs, torch_models, torch_runner, torch_twin
 from toolchain.errors import ToolchainError
 from toolchain.files import atomic_path, write_json
 from toolchain.hardware import keep_freed_memory, machine_summary
+from toolchain.sessions import ort_session
+from toolchain.timing import time_interleaved
 
 # each engine's op names per category; an op in none of them is "other"
 CATEGORIES = {

@@ -67,7 +67,7 @@ from onnx_neural_compressor.quantization import config, tuning
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from toolchain.bench import ort_session
+from toolchain.sessions import ort_session
 from toolchain.bundle import add_graph, chosen_graph, graph_path, load_manifest, prune_weights, update_manifest
 from toolchain.data import prepare
 from toolchain.errors import ToolchainError

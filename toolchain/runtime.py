@@ -40,14 +40,17 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.bench import ort_session, time_fn
+from toolchain.sessions import ort_session
+from toolchain.timing import time_fn
 from toolchain.bundle import EPS, graph_path, latency_key, load_manifest
 from toolchain.data import prepare
+from toolchain.data.classify import encode_texts
 from toolchain.data.squad import SquadExample, build_features, postprocess
+from toolchain.data.tokenizer import TextTokenizer
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import run_batches, session_runner
+from toolchain.exit_batching import INPUT_NAMES, bucketed_predict, ort_depth_runner, ort_exit_predictor
 from toolchain.files import write_json
-from toolchain.geep_runtime import INPUT_NAMES, bucketed_predict, ort_depth_runner, ort_exit_predictor
 from toolchain.hardware import cpu_info, cuda_usable, u8s8_saturates
 from toolchain.models import check_task, read_meta
 
@@ -275,8 +278,6 @@ class Bundle:
              probe_runs: int = PROBE_RUNS) -> Bundle:
         """Open a bundle, verifying every graph's checksum. ``ep``: auto, cpu or cuda; ``threads``: intra-op threads
         (default: all usable cores); ``probe_runs``: timed runs per missing latency (0: never probe)."""
-        from transformers import AutoTokenizer
-
         _check_ep(ep)
         path = Path(path)
         manifest = load_manifest(path, verify=True)
@@ -285,11 +286,7 @@ class Bundle:
         threads = threads or cpu_info()["cores"]
         if threads <= 0 or probe_runs < 0:
             raise ToolchainError(f"threads must be positive and probe_runs >= 0, got {threads} and {probe_runs}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
-        except Exception as e:
-            raise ToolchainError(f"cannot load the tokenizer of bundle {path}: {type(e).__name__}: {e}") from None
-        return cls(path, manifest, tokenizer, ep, hardware, threads, probe_runs)
+        return cls(path, manifest, TextTokenizer.load(path), ep, hardware, threads, probe_runs)
 
     @property
     def hardware(self) -> Hardware:
@@ -425,12 +422,14 @@ class QAPredictor(_Predictor):
 def _encode_texts(bundle: Bundle, items: Sequence[str | tuple[str, str | None]], seq: int,
                   names: Sequence[str]) -> dict[str, np.ndarray]:
     """Texts or (text, text_pair) items as int64 arrays ``names`` padded to ``seq`` tokens; empty texts are refused."""
-    pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
-    pairs = [(_text(t, "text", f"request {i}"), None if p is None else _text(p, "text_pair", f"request {i}"))
-             for i, (t, p) in enumerate(pairs)]
+    texts: list[str | tuple[str, str]] = []
+    for i, item in enumerate(items):
+        text, pair = item if isinstance(item, tuple) else (item, None)
+        text = _text(text, "text", f"request {i}")
+        texts.append(text if pair is None else (text, _text(pair, "text_pair", f"request {i}")))
     with bundle.lock:
-        enc = [bundle.tokenizer(t, p, truncation=True, max_length=seq, padding="max_length") for t, p in pairs]
-    return {k: np.array([e[k] for e in enc], dtype=np.int64) for k in names}
+        arrays = encode_texts(bundle.tokenizer, texts, seq)
+    return {k: arrays[k] for k in names if k in arrays}
 
 
 def _labelled(bundle: Bundle, logits: np.ndarray) -> list[dict]:
@@ -482,7 +481,7 @@ class GeepPredictor:
         self.predictor = next((g for g in graphs if g["kind"] == "geep-predictor"), None)
         if self.predictor is None:
             raise ToolchainError(f"bundle {where} has no GEEP predictor graph (export it with `toolchain export-geep`)")
-        vocab = len(self.bundle.tokenizer)
+        vocab = self.bundle.tokenizer.vocab_size
         if self.predictor.get("vocab_size") != vocab:
             raise ToolchainError(f"the GEEP predictor of bundle {where} was built for a vocabulary of "
                                  f"{self.predictor.get('vocab_size')} tokens, but the bundle's tokenizer has {vocab}")

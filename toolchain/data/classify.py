@@ -7,6 +7,7 @@ import gzip
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolchain.data.tokenizer import TextTokenizer
 from toolchain.errors import ToolchainError
 
 
@@ -76,9 +77,20 @@ def encode(examples: list[ClassifyExample], tokenizer, max_seq_length: int, labe
     unknown = {ex.label for ex in examples} - set(labels)
     if unknown:
         raise ToolchainError(f"labels {sorted(unknown)} are not among the model's labels {labels}")
-    pairs = [ex.text_pair for ex in examples] if examples[0].text_pair is not None else None
-    enc = tokenizer([ex.text for ex in examples], pairs, truncation=True, max_length=max_seq_length,
-                    padding="max_length", return_tensors="np")
-    out = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    out = encode_texts(tokenizer, [ex.text if ex.text_pair is None else (ex.text, ex.text_pair) for ex in examples],
+                       max_seq_length)
     out["labels"] = np.array([labels.index(ex.label) for ex in examples], dtype=np.int64)
     return out
+
+
+def encode_texts(tokenizer, texts: list[str | tuple[str, str]], max_seq_length: int) -> dict:
+    """Texts or (text, text pair)s as int64 arrays input_ids, attention_mask (and token_type_ids where the model takes
+    them), truncated (longest first) and padded to `max_seq_length` tokens."""
+    import numpy as np
+
+    tokenizer = TextTokenizer.of(tokenizer)
+    encodings = tokenizer.encode(texts, max_seq_length, pad=True)
+    out = {"input_ids": [e.ids for e in encodings], "attention_mask": [e.attention_mask for e in encodings]}
+    if tokenizer.token_types:
+        out["token_type_ids"] = [e.type_ids for e in encodings]
+    return {k: np.array(v, dtype=np.int64).reshape(len(encodings), max_seq_length) for k, v in out.items()}

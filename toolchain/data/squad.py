@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toolchain.data.tokenizer import TextTokenizer
 from toolchain.errors import ToolchainError
 
 
@@ -112,19 +113,17 @@ def check_lengths(max_seq_length: int, doc_stride: int) -> None:
         raise ToolchainError(f"doc_stride ({doc_stride}) must be smaller than max_seq_length ({max_seq_length})")
 
 
-def _windows(tokenizer, examples: list[SquadExample], max_length: int, doc_stride: int,
+def _windows(tokenizer: TextTokenizer, examples: list[SquadExample], max_length: int, doc_stride: int,
              ) -> list[tuple[int, list[int], list[int] | None, np.ndarray]]:
     """Unpadded windows of max_length tokens over (question, context), consecutive ones sharing doc_stride context
     tokens: (index into `examples`, input ids, token type ids, offsets with (-1, -1) for non-context tokens)."""
-    enc = tokenizer([ex.question for ex in examples], [ex.context for ex in examples], truncation="only_second",
-                    max_length=max_length, stride=doc_stride, return_overflowing_tokens=True,
-                    return_offsets_mapping=True)
+    encodings = tokenizer.encode([(ex.question, ex.context) for ex in examples], max_length, "only_second", doc_stride)
     out = []
-    for i in range(len(enc["input_ids"])):
-        offsets = np.array([o if s == 1 else (-1, -1) for o, s in zip(enc["offset_mapping"][i], enc.sequence_ids(i))],
-                           dtype=np.int64).reshape(-1, 2)
-        out.append((enc["overflow_to_sample_mapping"][i], enc["input_ids"][i],
-                    enc["token_type_ids"][i] if "token_type_ids" in enc else None, offsets))
+    for i, first in enumerate(encodings):
+        for enc in (first, *first.overflowing):
+            offsets = np.array([o if s == 1 else (-1, -1) for o, s in zip(enc.offsets, enc.sequence_ids)],
+                               dtype=np.int64).reshape(-1, 2)
+            out.append((i, enc.ids, enc.type_ids if tokenizer.token_types else None, offsets))
     return out
 
 
@@ -163,12 +162,9 @@ def build_features(examples: list[SquadExample], tokenizer, max_seq_length: int 
     answer point at [CLS] (index 0), as in BERT's SQuAD recipe.
     """
     check_lengths(max_seq_length, doc_stride)
-    if not getattr(tokenizer, "is_fast", False):
-        raise ToolchainError("a fast tokenizer (tokenizer.json) is needed for offset mappings")
-    if tokenizer.padding_side != "right":
-        raise ToolchainError(f"SQuAD windows need a tokenizer that pads on the right, not {tokenizer.padding_side!r}")
-    specials = tokenizer.num_special_tokens_to_add(pair=True)
-    longest_q = max(map(len, tokenizer([ex.question for ex in examples], add_special_tokens=False)["input_ids"]))
+    tokenizer = TextTokenizer.of(tokenizer)
+    specials = tokenizer.special_tokens(pair=True)
+    longest_q = max(len(enc.ids) for enc in tokenizer.encode([ex.question for ex in examples], special_tokens=False))
     if longest_q + specials + doc_stride >= max_seq_length:
         raise ToolchainError(
             f"max_seq_length ({max_seq_length}) too small: the longest question has {longest_q} tokens, plus "
@@ -191,10 +187,10 @@ def build_features(examples: list[SquadExample], tokenizer, max_seq_length: int 
                     start = int(ctx[np.nonzero(offsets[ctx, 0] <= a_start)[0][-1]])
                     end = int(ctx[np.nonzero(offsets[ctx, 1] >= a_end)[0][0]])
             pad = max_seq_length - len(ids)
-            columns["input_ids"].append(ids + [tokenizer.pad_token_id] * pad)
+            columns["input_ids"].append(ids + [tokenizer.pad_id] * pad)
             columns["attention_mask"].append([1] * len(ids) + [0] * pad)
             if types is not None:
-                columns["token_type_ids"].append(types + [tokenizer.pad_token_type_id] * pad)
+                columns["token_type_ids"].append(types + [tokenizer.pad_type_id] * pad)
             columns["example_index"].append(b + ex_idx)
             columns["offsets"].append(np.pad(offsets, ((0, pad), (0, 0)), constant_values=-1))
             columns["start"].append(start)
