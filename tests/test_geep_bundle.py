@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TOKENIZER_FILES, make_tiny_model_dir
+from conftest import TOKENIZER_FILES, make_tiny_model_dir, run_without_training_stack
 from toolchain import export as export_mod, quantize
 from toolchain.bundle import graph_path, load_manifest, update_manifest
 from toolchain.cli import main
@@ -249,3 +249,7 @@ def test_cli_predict_serves_geep_bundles(bundle, tmp_path):
     assert_same(answers, GeepPredictor(bundle, hardware=CPU).predict_batch(texts(5)))
     result = CliRunner().invoke(main, ["predict", "--bundle", str(bundle), "--requests", str(requests), "--budget-ms", "5"])
     assert result.exit_code == 2 and "GEEP bundle" in result.output
+    served = run_without_training_stack("predict", "--bundle", str(bundle), "--requests", str(requests), "--batch", "4",
+                                        "--ep", "cpu")  # serving needs neither PyTorch nor transformers
+    assert served.returncode == 0, served.stderr
+    assert [json.loads(line) for line in served.stdout.splitlines()] == answers

@@ -23,10 +23,6 @@ from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-import onnx
-from onnx import numpy_helper
-from onnx.external_data_helper import set_external_data
-
 from toolchain.errors import ToolchainError
 from toolchain.files import atomic_path, write_json
 from toolchain.hardware import cpu_info
@@ -181,6 +177,10 @@ def _store_graph(src: Path, root: Path, rel: str) -> list[str]:
     """Write graph ``src`` into bundle folder ``root`` as ``rel`` (atomically), its tensors of at least
     EXTERNAL_MIN_BYTES moved to ``weights/<sha256>.bin`` beside it (created only when no graph holds that content
     yet). Returns the weight files it references, relative to ``root``."""
+    import onnx  # here, not above: reading and serving a bundle do not need it
+    from onnx import numpy_helper
+    from onnx.external_data_helper import set_external_data
+
     dst = _inside(root, rel)
     store = dst.parent / WEIGHTS
     store.mkdir(parents=True, exist_ok=True)

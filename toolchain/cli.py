@@ -17,13 +17,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class Group(click.Group):
-    """Turns ToolchainError into one line on stderr and exit code 2."""
+    """Turns ToolchainError, and a package missing from a serving-only install, into one line on stderr and exit 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ToolchainError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as e:
+            if not e.name:
+                raise
+            click.echo(f"error: `toolchain {ctx.invoked_subcommand}` needs the Python package {e.name.split('.')[0]!r}, "
+                       "which is not installed (a serving-only install runs select and predict; "
+                       "install toolchain with its dependencies for the rest)", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
