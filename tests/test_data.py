@@ -83,30 +83,54 @@ def test_balanced_windows(tokenizer):
     assert postprocess(examples, bal, *(np.zeros(bal.input_ids.shape),) * 2).keys() == set(ids)
 
 
-def test_features_match_transformers_own_tokenizer_call(tokenizer):
+@pytest.fixture(scope="module")
+def bpe_tokenizer_dir(tmp_path_factory):
+    """A RoBERTa-style tokenizer (byte-level BPE, <s> </s></s> pairs, pad id 1) trained on the packaged slice."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaTokenizerFast
+
+    examples = load_squad(SQUAD_DEV_SLICE)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([ex.context for ex in examples] + [ex.question for ex in examples], vocab_size=600,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", bpe.token_to_id("</s>")), ("<s>", bpe.token_to_id("<s>")))
+    folder = tmp_path_factory.mktemp("bpe")
+    RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                         cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "byte-level-bpe"])
+def test_features_match_transformers_own_tokenizer_call(kind, bpe_tokenizer_dir):
     """Features come from `tokenizers` directly (so serving needs no transformers); they are what transformers' call
     gives, whether the tokenizer was read from the folder or taken from transformers (whose settings it leaves)."""
+    from transformers import AutoTokenizer
+
+    folder = default_model_dir() if kind == "wordpiece" else bpe_tokenizer_dir
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     examples = load_squad(SQUAD_DEV_SLICE)[:60]
     enc = tokenizer([ex.question for ex in examples], [ex.context for ex in examples], truncation="only_second",
                     max_length=96, stride=24, return_overflowing_tokens=True, return_offsets_mapping=True)
     assert len(enc["input_ids"]) > 100  # many contexts need several windows at 96 tokens
-    for source in (tokenizer, TextTokenizer.load(default_model_dir())):
+    for source in (tokenizer, TextTokenizer.load(folder)):
         feats = build_features(examples, source, 96, 24, balanced=False)
         assert feats.example_index.tolist() == enc["overflow_to_sample_mapping"]
         for i, ids in enumerate(enc["input_ids"]):
             n = len(ids)
             assert feats.input_ids[i, :n].tolist() == ids and (feats.input_ids[i, n:] == tokenizer.pad_token_id).all()
-            assert feats.token_type_ids[i, :n].tolist() == enc["token_type_ids"][i]
+            types = enc["token_type_ids"][i] if "token_type_ids" in enc else [0] * n  # RoBERTa's: none, or all 0
+            assert feats.token_type_ids is None or feats.token_type_ids[i, :n].tolist() == types
             assert feats.attention_mask[i].sum() == n
             context = [s == 1 for s in enc.sequence_ids(i)]
             assert feats.offsets[i, :n][context].tolist() == [list(o) for o, c in zip(enc["offset_mapping"][i], context) if c]
             assert (feats.offsets[i, :n][~np.array(context)] == -1).all()
     texts = ["a gorgeous, witty film", ("it rains", "the film is dull, " * 20), "é" * 40]
-    for source in (tokenizer, TextTokenizer.load(default_model_dir())):
+    for source in (tokenizer, TextTokenizer.load(folder)):
         got = encode_texts(source, texts, 24)
         for i, t in enumerate(texts):
             want = tokenizer(*((t, None) if isinstance(t, str) else t), truncation=True, max_length=24, padding="max_length")
-            assert {k: got[k][i].tolist() for k in got} == {k: want[k] for k in got}
+            assert {k: got[k][i].tolist() for k in want} == dict(want)
     backend = tokenizer.backend_tokenizer
     backend.enable_truncation(500, stride=3)
     backend.no_padding()

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from toolchain import bundle as bundles
+from toolchain.data.tokenizer import TextTokenizer
 from toolchain.errors import ToolchainError
 from toolchain.files import write_json, write_text
 from toolchain.hardware import cpu_info, keep_freed_memory, machine_summary, release_freed_memory
@@ -30,12 +31,9 @@ from toolchain.timing import time_fn, time_interleaved
 
 def real_inputs(bundle_dir: Path, meta: dict, seq: int, batch: int) -> dict[str, np.ndarray]:
     """`batch` rows of real dev inputs at length `seq` for a bundle (its tokenizer, task and doc stride)."""
-    from transformers import AutoTokenizer
-
     from toolchain.data.prepare import sample_inputs
 
-    tokenizer = AutoTokenizer.from_pretrained(bundle_dir)  # a bundle holds tokenizer files, not weights
-    return sample_inputs(meta["task"], tokenizer, seq, batch, meta.get("doc_stride", 128))
+    return sample_inputs(meta["task"], TextTokenizer.load(bundle_dir), seq, batch, meta.get("doc_stride", 128))
 
 
 def gemm_peak(precision: str, threads: int, m: int = 1536, k: int = 1536, n: int = 1536) -> float:

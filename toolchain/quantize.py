@@ -67,13 +67,14 @@ from onnx_neural_compressor.quantization import config, tuning
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from toolchain.sessions import ort_session
 from toolchain.bundle import add_graph, chosen_graph, graph_path, load_manifest, prune_weights, update_manifest
 from toolchain.data import prepare
+from toolchain.data.tokenizer import TextTokenizer
 from toolchain.errors import ToolchainError
 from toolchain.evaluate import Runner, evaluate_classify, evaluate_squad, session_runner
 from toolchain.hardware import cpu_info, u8s8_saturates
 from toolchain.models import read_meta
+from toolchain.sessions import ort_session
 
 CALIB_BATCH = 8
 FORMATS = {  # ep -> (manifest format, INC StaticQuantConfig arguments)
@@ -218,15 +219,6 @@ def _task_data(bundle_dir: Path, task: str, tokenizer, calib_data: str | Path, e
         raise ToolchainError(f"calibration data {calib_data} holds {found} examples, fewer than the "
                              f"{calib_samples} calibration samples asked for")
     return calib, evaluate
-
-
-def _tokenizer(bundle_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(bundle_dir, use_fast=True)
-    except Exception as e:
-        raise ToolchainError(f"cannot load the tokenizer of bundle {bundle_dir}: {type(e).__name__}: {e}") from None
 
 
 def _select(manifest: dict, bundle_dir: Path, graphs: list[str] | None, ep: str) -> list[dict]:
@@ -425,7 +417,7 @@ def quantize_bundle(bundle_dir: str | Path, calib_data: str | Path, eval_data: s
     manifest = load_manifest(bundle_dir, verify=True)
     selected = _select(manifest, bundle_dir, graphs, ep)
     task = manifest["task"]
-    tokenizer = _tokenizer(bundle_dir)
+    tokenizer = TextTokenizer.load(bundle_dir)
     data = {seq: _task_data(bundle_dir, task, tokenizer, calib_data, eval_data, seq, calib_samples, eval_examples, seed,
                             eval_skip)
             for seq in sorted({g["max_seq_length"] for g in selected})}

@@ -40,8 +40,6 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.sessions import ort_session
-from toolchain.timing import time_fn
 from toolchain.bundle import EPS, graph_path, latency_key, load_manifest
 from toolchain.data import prepare
 from toolchain.data.classify import encode_texts
@@ -53,6 +51,8 @@ from toolchain.exit_batching import INPUT_NAMES, bucketed_predict, ort_depth_run
 from toolchain.files import write_json
 from toolchain.hardware import cpu_info, cuda_usable, u8s8_saturates
 from toolchain.models import check_task, read_meta
+from toolchain.sessions import ort_session
+from toolchain.timing import time_fn
 
 log = logging.getLogger(__name__)
 CACHE = "latency-cache.json"
