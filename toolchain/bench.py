@@ -57,13 +57,26 @@ def gemm_peak(precision: str, threads: int, m: int = 1536, k: int = 1536, n: int
     return 2 * m * k * n / (t / 1000) / 1e9
 
 
-def torch_models(source: Path) -> dict[str, torch.nn.Module]:
-    """The source checkpoint's length-adaptive model in fp32 and PyTorch dynamic INT8, loaded once."""
+def torch_source(manifest: dict, skipped: str) -> Path | None:
+    """The bundle's source checkpoint, or None with a warning that ``skipped`` (the PyTorch side) cannot run."""
+    source = Path(manifest.get("source_checkpoint", ""))
+    if (source / "config.json").is_file():
+        return source
+    import click
+
+    click.echo(f"warning: source checkpoint {source} not found; {skipped}", err=True)
+    return None
+
+
+def torch_models(source: Path, precisions: tuple[str, ...] = ("fp32", "int8-dynamic")) -> dict[str, torch.nn.Module]:
+    """The source checkpoint's length-adaptive model in fp32 and/or PyTorch dynamic INT8, loaded once."""
     from toolchain.train_lat import load_length_adaptive
 
     model = load_length_adaptive(source)[0].eval()
-    return {"fp32": model, "int8-dynamic": torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
-                                                                                  dtype=torch.qint8)}
+    models = {"fp32": model}
+    if "int8-dynamic" in precisions:
+        models["int8-dynamic"] = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    return {p: models[p] for p in precisions}
 
 
 def torch_twin(model: torch.nn.Module, entry: dict) -> torch.nn.Module:
@@ -181,12 +194,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
     if not entries:
         raise ToolchainError(f"bundle {bundle_dir} has no CPU graphs to benchmark")
     meta = json.loads((bundle_dir / "toolchain.json").read_text())
-    source = Path(manifest.get("source_checkpoint", ""))
-    if torch_eager and not (source / "config.json").is_file():
-        import click
-
-        click.echo(f"warning: source checkpoint {source} not found; PyTorch rows skipped", err=True)
-        torch_eager = False
+    source = torch_source(manifest, "PyTorch rows skipped") if torch_eager else None
     seqs = {g["max_seq_length"] for g in entries}
     chosen = manifest.get("chosen")
     cache: dict[tuple[int, int], dict] = {}
@@ -198,7 +206,7 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
         return cache[key]
 
     peaks = {p: gemm_peak(p, threads) for p in ("fp32", "int8")}
-    models = torch_models(source) if torch_eager else {}
+    models = torch_models(source) if source else {}
     plan: Plan = []
     for entry in entries:
         sess = ort_session(bundles.graph_path(bundle_dir, entry), threads, spinning=spinning)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from toolchain import bundle as bundles
-from toolchain.bench import check_threads, real_inputs, torch_models, torch_runner, torch_twin
+from toolchain.bench import check_threads, real_inputs, torch_models, torch_runner, torch_source, torch_twin
 from toolchain.errors import ToolchainError
 from toolchain.files import atomic_path, write_json
 from toolchain.hardware import keep_freed_memory, machine_summary
@@ -145,20 +145,15 @@ def profile_graph(bundle_dir: Path, graph: str, batch: int = 1, threads: int | N
     path = bundles.graph_path(bundle_dir, entry)
     sess = ort_session(path, threads, spinning=spinning)
     engines = [("ort", entry["precision"], lambda: sess.run(None, inputs))]
-    source = Path(manifest.get("source_checkpoint", ""))
-    if torch_eager and not (source / "config.json").is_file():
-        import click
-
-        click.echo(f"warning: source checkpoint {source} not found; no PyTorch profile", err=True)
-        torch_eager = False
-    if torch_eager:
+    source = torch_source(manifest, "no PyTorch profile") if torch_eager else None
+    if source:
         precision = "fp32" if entry["precision"] == "fp32" else "int8-dynamic"
-        model = torch_twin(torch_models(source)[precision], entry)
+        model = torch_twin(torch_models(source, (precision,))[precision], entry)
         engines.append(("torch", precision, torch_runner(model, inputs)))
     # unprofiled medians timed round-robin (as the bench does), so the ratio compares the same stretch of time
     walls = time_interleaved([run for *_, run in engines], rounds, warmup, repeats, desc=f"time {graph}")
     profiled = [_ort_profile(path, inputs, threads, warmup, repeats, spinning)]
-    if torch_eager:
+    if source:
         profiled.append(_torch_profile(model, inputs, repeats))
     rows = [_engine_row(engine, precision, wall["latency_ms_median"], prof, flops)
             for (engine, precision, _), wall, prof in zip(engines, walls, profiled)]
