@@ -54,6 +54,12 @@ def test_time_interleaved_round_robin():
     (slowed,) = time_interleaved([lambda: time.sleep(next(durations))], rounds=2, warmup=1, repeats=3)
     assert slowed["runs"] == 4 and 3.0 < slowed["slice_spread"] <= 9.0 + 0.5
     assert len(slowed["slice_medians_ms"]) == 2 and slowed["slice_medians_ms"][1] > 3 * slowed["slice_medians_ms"][0]
+    # a reference in two slices a round, the second halfway through the round: each slice has its own warm-up
+    calls.clear()
+    fns = [lambda tag=tag: calls.append(tag) for tag in "abcr"]
+    stats = time_interleaved(fns, rounds=2, warmup=1, repeats=2, slices_per_round=[1, 1, 1, 2])
+    assert "".join(calls) == "aabbrrccrr" * 2
+    assert [s["runs"] for s in stats] == [2, 2, 2, 4] and len(stats[3]["slice_medians_ms"]) == 4
 
 
 _FAULTS = """

@@ -121,6 +121,9 @@ def _then_release(after: Callable[[], object] | None) -> Callable[[], None]:
 
 # (result row without timings, the function to time, what to run after each of its slices or None)
 Plan = list[tuple[dict, Callable[[], object], Callable[[], object] | None]]
+# BERT-base PyTorch fp32 is timed in this many slices a round, spread evenly through it: every speedup ratio of a batch
+# size divides by it, so its error lands on all of them (docs/results.md, "Stability at the recipe's size")
+REFERENCE_SLICES = 2
 
 
 def _ort_runner(sess: ort.InferenceSession, inputs: dict[str, np.ndarray],
@@ -237,8 +240,11 @@ def bench_bundle(bundle_dir: Path, batches: list[int], threads: int | None = Non
         afters = [after for *_, after in part]
         if malloc != "system default":  # kept memory goes back after each slice; the warm-up before the next re-grows it
             afters = [_then_release(after) for after in afters]
+        weights = [REFERENCE_SLICES if (row["graph"], row["engine"]) == ("bert-base", "torch") else 1
+                   for row, *_ in part]
         timings = time_interleaved([fn for _, fn, _ in part], rounds, 2, max(rounds, repeats // max(1, batch // 4)),
-                                   min_seconds, desc=f"bench batch {batch}", after_slice=afters)
+                                   min_seconds, desc=f"bench batch {batch}", after_slice=afters,
+                                   slices_per_round=weights)
         for (row, *_), timing in zip(part, timings):
             row.update(timing)
             (ref if row["graph"] == "bert-base" else results).append(row)

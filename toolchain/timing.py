@@ -11,7 +11,8 @@ from tqdm.auto import tqdm
 
 def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: int = 2, repeats: int = 10,
                      min_seconds: float = 0.0, desc: str | None = None,
-                     after_slice: list[Callable[[], object] | None] | None = None) -> list[dict]:
+                     after_slice: list[Callable[[], object] | None] | None = None,
+                     slices_per_round: list[int] | None = None) -> list[dict]:
     """Median and p90 wall time in ms of each function, timed round-robin in ``rounds`` slices.
 
     Each slice takes at least ``ceil(repeats / rounds)`` runs and ``min_seconds / rounds`` seconds. Interleaving
@@ -22,16 +23,21 @@ def time_interleaved(fns: list[Callable[[], object]], rounds: int = 1, warmup: i
     (< 100 ms, to refill the caches the other functions evicted) or an ``after_slice`` ran (to re-grow what
     it released). ``desc`` shows a progress bar. ``slice_medians_ms``: each slice's median, in order;
     ``slice_spread``: how far apart they lie (slowest / fastest - 1), the noise a run-to-run comparison of the
-    median has to live with.
+    median has to live with. ``slices_per_round[i]`` > 1 times ``fns[i]`` in that many slices a round, spread evenly
+    through it (a reference every ratio divides by: its error would otherwise land on all of them).
     """
     times: list[list[float]] = [[] for _ in fns]
     slices: list[list[float]] = [[] for _ in fns]  # each slice's median
     per_round = -(-repeats // rounds)
-    bar = tqdm(total=rounds * len(fns), desc=desc, unit="slice", dynamic_ncols=True, disable=desc is None)
-    after_slice = after_slice or [None] * len(fns)
-    for r in range(rounds):
-        for fn, ts, medians, after in zip(fns, times, slices, after_slice):
-            for _ in range(warmup if r == 0 else int(after is not None or statistics.median(ts) < 100)):
+    n = len(fns)
+    weights = slices_per_round or [1] * n
+    schedule = [i for _, i in sorted(((i + s * n / k) % n, i) for i, k in enumerate(weights) for s in range(k))]
+    bar = tqdm(total=rounds * len(schedule), desc=desc, unit="slice", dynamic_ncols=True, disable=desc is None)
+    after_slice = after_slice or [None] * n
+    for _ in range(rounds):
+        for i in schedule:
+            fn, ts, medians, after = fns[i], times[i], slices[i], after_slice[i]
+            for _ in range(warmup if not ts else int(after is not None or statistics.median(ts) < 100)):
                 t0 = time.perf_counter()
                 fn()
                 if time.perf_counter() - t0 > 1.0:
